@@ -1,0 +1,33 @@
+"""`k2rl make-model`: a random-initialised K2-architecture model and its tokenizer, in the HF layout."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import DeepseekV3Config
+
+from k2rl.model.checkpoint import save_model
+from k2rl.model.modeling import build_model
+from k2rl.model.presets import preset_config
+from k2rl.model.tokenizer import save_tokenizer, train_tokenizer
+
+# Beyond this a random init on the host is pointless (and k2 would need ~4 TB of fp32): real-size
+# models come from real checkpoints.
+MAX_BUILD_PARAMS = 5e9
+
+
+def make_model(preset: str, out_dir: str | Path, seed: int = 0, dtype: torch.dtype | None = None) -> Path:
+    """Build, initialise with `seed`, and save model + tokenizer. Same preset and seed, same bytes."""
+    out_dir = Path(out_dir)
+    config = DeepseekV3Config(**preset_config(preset))
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(config).parameters())
+    if params > MAX_BUILD_PARAMS:
+        raise ValueError(f"preset {preset!r} has {params / 1e9:.0f} B parameters: too large to initialise "
+                         f"randomly here; load a real checkpoint instead (model.path in the config)")
+    dtype = dtype or (torch.float32 if params < 1e8 else torch.bfloat16)
+    model = build_model(config, dtype=dtype, seed=seed)
+    save_model(model, out_dir)
+    tokenizer = train_tokenizer(config.vocab_size, seed=seed)
+    save_tokenizer(tokenizer, out_dir, model_max_length=config.max_position_embeddings)
+    return out_dir
