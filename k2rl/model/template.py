@@ -18,7 +18,7 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'user' -%}<|im_user|>user<|im_middle|>"
     "{%- elif message['role'] == 'assistant' -%}<|im_assistant|>assistant<|im_middle|>"
     "{%- else -%}<|im_system|>{{ message['role'] }}<|im_middle|>{%- endif -%}"
-    "{%- if message['role'] == 'tool' -%}## Return of {{ message['tool_call_id'] }}\n{%- endif -%}"
+    "{%- if message['role'] == 'tool' -%}## Return of {{ message['tool_call_id'] }}{{ '\\n' }}{%- endif -%}"
     "{%- if message['content'] -%}{{ message['content'] }}{%- endif -%}"
     "{%- if message['role'] == 'assistant' and message.get('tool_calls') -%}"
     "<|tool_calls_section_begin|>"
