@@ -1,0 +1,1 @@
+"""One module per `k2rl` subcommand (see k2rl.cli)."""

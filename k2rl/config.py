@@ -1,0 +1,218 @@
+"""The job configuration: one pydantic model per section, loaded from YAML with `--set` overrides.
+
+Every section forbids unknown keys, so a typo fails before anything starts, naming the key path, the
+bad value, what is allowed and the closest valid key (see `k2rl.validation`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from k2rl.validation import ValidationFailed, load_yaml, validate
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "tiny-cpu"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    """Either a preset to build (`k2rl make-model`) or a path to an existing HF-layout checkpoint."""
+
+    preset: Literal["k2", "k2-mini", "k2-tiny"] = "k2-tiny"
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    init_seed: int = 0
+
+
+class RolloutEngineConfig(Section):
+    """vLLM engine settings (one engine per worker)."""
+
+    max_model_len: int = Field(2048, gt=0)
+    kv_cache_memory_bytes: int | None = Field(256 << 20, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    enforce_eager: bool = True
+    sleep_level: Literal[1, 2] = 2
+    weight_bucket_bytes: int = Field(64 << 20, gt=0)
+
+
+class TrainEngineConfig(Section):
+    """DeepSpeed engine settings."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    micro_batch_tokens: int = Field(4096, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+
+
+class WorkersConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    ray_address: str | None = None
+
+
+class OptimizerConfig(Section):
+    """MuonClip (Muon for matrices, AdamW for the rest, shared lr and wd) or plain AdamW."""
+
+    name: Literal["muonclip", "adamw"] = "muonclip"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    momentum: float = Field(0.95, ge=0, lt=1)
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    ns_steps: int = Field(5, ge=1)
+    qk_clip: bool = True
+    qk_clip_tau: float = Field(100.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+
+
+class TemperatureSchedule(Section):
+    """Sampling temperature decays from `start` to `end` over `decay_steps` (K2: explore early)."""
+
+    start: float = Field(1.0, ge=0)
+    end: float = Field(1.0, ge=0)
+    decay_steps: int = Field(1, ge=1)
+    kind: Literal["linear", "cosine", "exponential"] = "linear"
+
+
+class AlgorithmConfig(Section):
+    name: Literal["k2", "grpo", "ppo", "sft"] = "k2"
+    samples_per_task: int = Field(4, ge=1)
+    tasks_per_step: int = Field(8, ge=1)
+    tau: float = Field(0.1, gt=0, description="K2 objective: weight of log(pi/pi_old)")
+    clip_eps: float = Field(0.2, gt=0)
+    aggregation: Literal["token", "sequence"] = "token"
+    kl_coef: float = Field(0.0, ge=0)
+    budget_penalty: float = Field(0.5, ge=0)
+    ptx_coef: float = Field(0.0, ge=0)
+    ptx_dataset: str | None = None
+    truncated_is_cap: float | None = Field(None, gt=0)
+    epochs_per_step: int = Field(1, ge=1)
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: TemperatureSchedule = TemperatureSchedule()
+
+    @model_validator(mode="after")
+    def _ptx_needs_data(self):
+        if self.ptx_coef > 0 and not self.ptx_dataset:
+            raise ValueError("ptx_coef > 0 needs algorithm.ptx_dataset (a JSONL of SFT conversations)")
+        return self
+
+
+class EnvConfig(Section):
+    name: str = "shop"
+    train_seed: int = 0
+    eval_seed: int = 1_000_000
+    eval_tasks: int = Field(200, ge=0)
+    max_turns: int = Field(8, ge=1)
+    token_budget: int = Field(1024, gt=0)
+    tool_timeout_s: float = Field(5.0, gt=0)
+    options: dict[str, Any] = {}
+
+
+class JudgeConfig(Section):
+    """Where rubric scores come from: off, an OpenAI-compatible endpoint, or the policy itself."""
+
+    mode: Literal["off", "endpoint", "self"] = "off"
+    base_url: str | None = None
+    model: str | None = None
+    api_key: str = "EMPTY"
+    rubric: str = "tool_use"
+    pairwise: bool = False
+    concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(3, ge=0)
+    default_score: float = Field(0.0, ge=0, le=1)
+    cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _endpoint_needs_url(self):
+        if self.mode == "endpoint" and not self.base_url:
+            raise ValueError("judge.mode 'endpoint' needs judge.base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class RewardWeights(Section):
+    verifiable: float = 1.0
+    process: float = 0.0
+    rubric: float = 0.0
+    budget: float = 1.0
+
+
+class RewardsConfig(Section):
+    weights: RewardWeights = RewardWeights()
+    judge: JudgeConfig = JudgeConfig()
+
+
+class ScheduleConfig(Section):
+    steps: int = Field(20, ge=0)
+    eval_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(5, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    plots: bool = True
+    rollouts_per_step: int = Field(8, ge=0)
+    progress: bool = True
+
+
+class JobConfig(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    rollout: RolloutEngineConfig = RolloutEngineConfig()
+    train: TrainEngineConfig = TrainEngineConfig()
+    workers: WorkersConfig = WorkersConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    env: EnvConfig = EnvConfig()
+    rewards: RewardsConfig = RewardsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in assignment:
+        raise ValidationFailed(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set optimizer.lr=1e-4")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValidationFailed(f"--set {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> JobConfig:
+    """YAML file (optional) + `--set` overrides -> a validated JobConfig. Errors name file:line and key."""
+    data, lines, source = {}, {}, "config"
+    if path is not None:
+        data, lines = load_yaml(path)
+        source = str(path)
+        if not isinstance(data, dict):
+            raise ValidationFailed(f"{source}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(JobConfig, data, source, lines)
+
+
+def dump_config(config: JobConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
