@@ -10,6 +10,7 @@ from k2rl.model.checkpoint import save_model
 from k2rl.model.modeling import build_model
 from k2rl.model.presets import preset_config
 from k2rl.model.tokenizer import save_tokenizer, train_tokenizer
+from k2rl.validation import ValidationFailed
 
 # Beyond this a random init on the host is pointless (and k2 would need ~4 TB of fp32): real-size
 # models come from real checkpoints.
@@ -23,7 +24,7 @@ def make_model(preset: str, out_dir: str | Path, seed: int = 0, dtype: torch.dty
     with torch.device("meta"):
         params = sum(p.numel() for p in build_model(config).parameters())
     if params > MAX_BUILD_PARAMS:
-        raise ValueError(f"preset {preset!r} has {params / 1e9:.0f} B parameters: too large to initialise "
+        raise ValidationFailed(f"preset {preset!r} has {params / 1e9:.0f} B parameters: too large to initialise "
                          f"randomly here; load a real checkpoint instead (model.path in the config)")
     dtype = dtype or (torch.float32 if params < 1e8 else torch.bfloat16)
     model = build_model(config, dtype=dtype, seed=seed)
