@@ -8,42 +8,49 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from k2rl.model import template
-from k2rl.model.tokenizer import BOS, EOS, IM_END, PAD
+from k2rl.model.tokenizer import BOS, EOS, IM_END, PAD, UNK
 
 
 class ChatTokenizer:
-    """A model directory's tokenizer.json with K2's chat helpers (ours or the real K2's files)."""
+    """A model directory's tokenizer with K2's chat helpers.
+
+    Loads through transformers, so both our tokenizer.json and the real K2 files (tiktoken model plus
+    `tokenization_kimi.py`, hence trust_remote_code) work.
+    """
 
     def __init__(self, model_dir: str | Path):
-        path = Path(model_dir) / "tokenizer.json"
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: a model directory needs tokenizer.json "
+        if not (Path(model_dir) / "tokenizer_config.json").exists():
+            raise FileNotFoundError(f"{model_dir}: no tokenizer_config.json; point at a model directory "
                                     f"(build one with `k2rl make-model`)")
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         self.im_end_id = self._required_id(IM_END)
-        self.eos_id = self.tokenizer.token_to_id(EOS)
-        self.bos_id = self.tokenizer.token_to_id(BOS)
-        self.pad_id = self.tokenizer.token_to_id(PAD)
+        self.eos_id = self._token_id(EOS)
+        self.bos_id = self._token_id(BOS)
+        self.pad_id = self._token_id(PAD)
         self.stop_ids = [i for i in (self.im_end_id, self.eos_id) if i is not None]
 
+    def _token_id(self, token: str) -> int | None:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        return None if token_id is None or token_id == self.tokenizer.unk_token_id and token != UNK else token_id
+
     def _required_id(self, token: str) -> int:
-        token_id = self.tokenizer.token_to_id(token)
+        token_id = self._token_id(token)
         if token_id is None:
             raise ValueError(f"tokenizer has no {token} token: not a K2-format tokenizer")
         return token_id
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
+        return len(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def decode(self, ids: list[int], keep_special: bool = True) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=not keep_special)
+        return self.tokenizer.decode(ids, skip_special_tokens=not keep_special, clean_up_tokenization_spaces=False)
 
     def encode_conversation(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = False) -> list[int]:
