@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from k2rl.validation import ValidationFailed, load_yaml, validate
 
@@ -134,6 +134,11 @@ class JudgeConfig(Section):
     default_score: float = Field(0.0, ge=0, le=1)
     cache_dir: str | None = None
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off_is_false(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
     @model_validator(mode="after")
     def _endpoint_needs_url(self):
         if self.mode == "endpoint" and not self.base_url:
@@ -210,6 +215,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Jo
             raise ValidationFailed(f"{source}: the top level must be a mapping of sections")
     for assignment in overrides:
         apply_override(data, assignment)
+        lines[tuple(assignment.split("=", 1)[0].strip().split("."))] = f"--set {assignment}"
     return validate(JobConfig, data, source, lines)
 
 

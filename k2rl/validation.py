@@ -66,8 +66,12 @@ def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
 
 
 def describe_errors(err: pydantic.ValidationError, model: type[pydantic.BaseModel], source: str,
-                    lines: dict[tuple, int] | None = None) -> str:
-    """One line per problem: where, which key, what was given, what is allowed."""
+                    lines: dict[tuple, int | str] | None = None) -> str:
+    """One line per problem: where, which key, what was given, what is allowed.
+
+    `lines` maps key paths to a line number in `source`, or to a full location string (for values
+    that came from elsewhere, such as a command-line override).
+    """
     out = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -78,7 +82,7 @@ def describe_errors(err: pydantic.ValidationError, model: type[pydantic.BaseMode
                 if loc[:n] in lines:
                     line = lines[loc[:n]]
                     break
-        where = f"{source}:{line}" if line else source
+        where = source if line is None else line if isinstance(line, str) else f"{source}:{line}"
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(loc[-1]), _fields_at(model, loc), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

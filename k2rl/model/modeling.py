@@ -124,3 +124,11 @@ def trainable_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's full weights under vLLM's checkpoint names (views, no copies)."""
     return to_checkpoint_names((n, t.detach()) for n, t in trainable_state(model))
+
+
+@torch.no_grad()
+def completion_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """Per-token logprobs of `completion` after `prompt` under `model` (fp32 log-softmax)."""
+    ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
+    logits = model(ids).logits[0, len(prompt) - 1:-1].float()
+    return logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu()
