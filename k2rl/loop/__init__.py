@@ -1,0 +1,1 @@
+"""The RL controller and its run directory: metrics, plots, checkpoints, progress."""
