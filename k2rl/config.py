@@ -42,6 +42,7 @@ class RolloutEngineConfig(Section):
     enforce_eager: bool = True
     sleep_level: Literal[1, 2] = 2
     weight_bucket_bytes: int = Field(64 << 20, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1)
 
 
 class TrainEngineConfig(Section):
@@ -51,6 +52,9 @@ class TrainEngineConfig(Section):
     micro_batch_tokens: int = Field(4096, gt=0)
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    offload: Literal["pinned", "deepspeed", "none"] = Field(
+        "pinned", description="how the trainer leaves the GPU between steps: our persistent pinned host "
+        "buffers, DeepSpeed's offload_states, or not at all")
 
 
 class WorkersConfig(Section):
@@ -58,6 +62,7 @@ class WorkersConfig(Section):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     ray_address: str | None = None
+    call_timeout_s: float = Field(1800, gt=0, description="longest a worker call may take before the driver gives up")
 
 
 class OptimizerConfig(Section):
@@ -133,6 +138,10 @@ class JudgeConfig(Section):
     retries: int = Field(3, ge=0)
     default_score: float = Field(0.0, ge=0, le=1)
     cache_dir: str | None = None
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per retry")
+    temperature: float = Field(0.0, ge=0)
+    reason_chars: int = Field(200, ge=8, description="length of each criterion's reason; sets max_tokens")
+    structured_output: bool = Field(True, description="send a JSON schema (response_format); off: parse+repair")
 
     @field_validator("mode", mode="before")
     @classmethod

@@ -1,0 +1,154 @@
+"""The rollout side of a colocated worker: vLLM's in-process `LLM`, driven with token ids only.
+
+Why in-process: weights then move from the trainer to vLLM as a tensor hand-off in the same process
+(`reload_weights` with an iterator), with no serialisation and no disk.
+
+- `generate` takes token-id prompts and returns, per prompt, `n` `Generation`s with the sampled
+  token's logprob for every generated token (vLLM's raw logprobs: the model's distribution before
+  temperature / top-p, i.e. what the trainer computes for the same tokens).
+- `load_weights` reloads in place from one stream of (checkpoint name, tensor). The stream may be
+  lazy (a generator over the trainer's buckets): vLLM consumes it once, processing each layer as soon
+  as all its tensors arrived. It must carry every weight of a layer it touches in the same call: vLLM
+  re-materialises a partially loaded layer (split across two calls) with garbage in the missing part.
+- `sleep` / `wake`: on a GPU, sleep mode level 2 frees weights and KV cache; `wake(("weights",))`
+  then weights are pushed, then `wake(("kv_cache",))` (waking the KV cache last avoids the
+  wake-up OOM). CPU vLLM has no sleep mode: the same calls only keep state, so the order of operations
+  is still checked on CPU.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from k2rl.config import RolloutEngineConfig
+
+TAGS = ("weights", "kv_cache")
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | list[int] = 256  # a list gives one budget per prompt
+    stop_token_ids: list[int] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # generated ids; with finish_reason "stop" the stop token is the last id
+    logprobs: list[float]  # one per token id: the sampled token's logprob under vLLM's policy
+    finish_reason: str  # "stop" | "length"
+
+
+class RolloutEngine:
+    """One vLLM engine (in-process) on this worker's accelerator, or on the CPU."""
+
+    def __init__(self, model_dir, *, dtype="float32", seed=0, max_model_len=2048, kv_cache_memory_bytes=256 << 20,
+                 gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
+        from vllm import LLM
+
+        self.on_gpu = torch.cuda.is_available()
+        self.sleep_level = sleep_level
+        kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)
+        if self.on_gpu:
+            kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
+            if kv_cache_memory_bytes is not None:
+                kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
+        else:
+            # On an AMX CPU vLLM picks AMX_MLA, which only takes bf16 weights; CPU_MLA runs any dtype.
+            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 << 20, attention_backend="CPU_MLA")
+        self.llm = LLM(**kwargs)
+        self.awake = dict.fromkeys(TAGS, True)
+
+    @classmethod
+    def from_config(cls, model_dir, cfg: RolloutEngineConfig, dtype: str, seed: int) -> RolloutEngine:
+        return cls(model_dir, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
+                   kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                   enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
+                   tensor_parallel_size=cfg.tensor_parallel_size)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """Per prompt, `sampling.n` generations (outer list in prompt order)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._require_awake("generate", TAGS)
+        budgets = sampling.max_tokens if isinstance(sampling.max_tokens, list) else [sampling.max_tokens] * len(prompts)
+        if len(budgets) != len(prompts):
+            raise ValueError(f"max_tokens has {len(budgets)} budgets for {len(prompts)} prompts")
+        params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=budget, stop_token_ids=list(sampling.stop_token_ids), seed=sampling.seed,
+                                 logprobs=0, detokenize=False) for budget in budgets]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [[_generation(c) for c in out.outputs] for out in outputs]
+
+    def sleep(self) -> None:
+        """Free weights and KV cache (GPU, sleep level from config); CPU: state only."""
+        if self.on_gpu and any(self.awake.values()):
+            self.llm.sleep(level=self.sleep_level)
+        self.awake = dict.fromkeys(TAGS, False)
+
+    def wake(self, tags=TAGS) -> None:
+        tags = [t for t in tags if not self.awake[t]]
+        if self.on_gpu and tags:
+            self.llm.wake_up(tags=list(tags))
+        self.awake.update(dict.fromkeys(tags, True))
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload in place from one (possibly lazy) stream of checkpoint-named tensors; see module doc."""
+        self._require_awake("load_weights", ("weights",))
+        self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
+        self.llm.reset_prefix_cache()
+
+    def holds_device_memory(self) -> dict[str, bool]:
+        """What this engine holds on the accelerator (always False on the CPU)."""
+        return {tag: self.on_gpu and awake for tag, awake in self.awake.items()}
+
+    def _require_awake(self, op: str, tags) -> None:
+        asleep = [t for t in tags if not self.awake[t]]
+        if asleep:
+            raise RuntimeError(f"RolloutEngine.{op} needs {asleep} awake; call wake({tuple(asleep)}) first")
+
+
+def _generation(completion) -> Generation:
+    token_ids = list(completion.token_ids)
+    logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
+    return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=completion.finish_reason)
+
+
+def _reload_in_worker(worker, named_tensors) -> None:
+    """vLLM's in-place reload, plus the CPU MoE re-pack that vLLM 0.32 skips on reload.
+
+    On CPU, fused experts are pre-packed into the grouped-gemm layout only when the MoE kernel is first
+    built; a reload leaves them in checkpoint layout, which the kernel then misreads (measured: logprob
+    gap to the trainer grows from 4e-3 to 7e-2 after one reload). We re-pack the expert layers the stream
+    touched.
+    """
+    touched: set[str] = set()
+
+    def tracked():
+        for name, tensor in named_tensors:
+            if ".mlp.experts." in name:
+                touched.add(name.split(".mlp.experts.")[0] + ".mlp.experts.routed_experts")
+            yield name, tensor
+
+    worker.reload_weights(weights_iterator=tracked())
+    if torch.cuda.is_available():
+        return
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import cpu_prepack_moe_weight
+    from vllm.model_executor.utils import replace_parameter
+
+    for name, module in worker.model_runner.model.named_modules():
+        if name in touched:
+            experts = module.quant_method.moe_kernel.fused_experts
+            for weight in ("w13_weight", "w2_weight"):
+                replace_parameter(module, weight, cpu_prepack_moe_weight(getattr(module, weight), experts.isa))
