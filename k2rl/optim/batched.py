@@ -1,0 +1,72 @@
+"""Orthogonalize many matrices at once: same shapes in one batch, the batch split across ranks.
+
+Every data-parallel rank holds the same momentum (ZeRO stage 0: gradients are all-reduced before the
+step), so each rank orthogonalizes only its share of every same-shape batch and the results are
+all-gathered, as in Moonlight's distributed Muon: each matrix is orthogonalized once, every rank
+applies the same gathered bits, and the weights stay identical across ranks.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from k2rl.optim.newton_schulz import orthogonalize
+
+
+def orthogonalize_all(
+    matrices: list[torch.Tensor], steps: int, dtype: torch.dtype, group: dist.ProcessGroup | None = None
+) -> list[torch.Tensor]:
+    """NS of each matrix in `matrices` (each [b, n, m]: b separate matrices); outputs match inputs' shapes.
+
+    Tall matrices are transposed to wide so that a [E, H, I] stack batches with a [2E, I, H] one.
+    `group` is the data-parallel group to split the work over (None: this process does all of it).
+    """
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, mat in enumerate(matrices):
+        buckets[tuple(sorted(mat.shape[-2:]))].append(i)
+    out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
+    for shape in sorted(buckets):
+        slabs = [_wide(matrices[i]) for i in buckets[shape]]
+        result = _orthogonalize_bucket(slabs, shape, steps, dtype, group)
+        offset = 0
+        for i, slab in zip(buckets[shape], slabs):
+            piece = result[offset : offset + slab.shape[0]]
+            out[i] = piece.mT if matrices[i].size(-2) > matrices[i].size(-1) else piece
+            offset += slab.shape[0]
+    return out
+
+
+def _wide(mat: torch.Tensor) -> torch.Tensor:
+    return mat.mT if mat.size(-2) > mat.size(-1) else mat
+
+
+def _orthogonalize_bucket(slabs, shape, steps, dtype, group) -> torch.Tensor:
+    """[sum b, n, m] NS results of the concatenated slabs; this rank computes rows [lo, hi) of it."""
+    total = sum(s.shape[0] for s in slabs)
+    world = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    share = math.ceil(total / world)
+    lo, hi = min(rank * share, total), min((rank + 1) * share, total)
+    mine = torch.empty((share, *shape), dtype=dtype, device=slabs[0].device)
+    _gather_rows(slabs, lo, hi, mine)
+    if world == 1:
+        return orthogonalize(mine, steps, dtype)
+    if hi > lo:
+        mine[: hi - lo] = orthogonalize(mine[: hi - lo], steps, dtype)
+    mine[hi - lo :].zero_()
+    everything = torch.empty((world * share, *shape), dtype=dtype, device=mine.device)
+    dist.all_gather_into_tensor(everything, mine, group=group)
+    return everything[:total]
+
+
+def _gather_rows(slabs: list[torch.Tensor], lo: int, hi: int, into: torch.Tensor) -> None:
+    """Copy (and cast) rows [lo, hi) of the virtual concatenation of `slabs` into `into`."""
+    start = 0
+    for slab in slabs:
+        a, b = max(lo, start), min(hi, start + slab.shape[0])
+        if a < b:
+            into[a - lo : b - lo].copy_(slab[a - start : b - start])
+        start += slab.shape[0]
