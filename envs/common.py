@@ -1,0 +1,95 @@
+"""What every built-in domain shares: seeded task generation from scenarios, the reference-solution
+vocabulary the scripted oracle replays, and the refusal and out-of-scope patterns.
+
+A scenario is a function `(rng, state) -> dict of Task fields`. It may edit the freshly generated world
+`state` (say, mark an order delivered) before that becomes the task's initial state, and it writes the
+reference `solution` next to the `expect`ed end state, so the oracle and the checker are independent:
+the oracle only replays calls through the live tools, the checker only reads the resulting state.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from k2rl.env import Environment, Milestone, SolutionCall, SolutionTurn, Task
+
+REFUSAL_WORDS = ["sorry", "cannot", "can't", "unable"]
+
+OFF_TOPIC = [
+    "What will the weather be like tomorrow?", "Write me a poem about the sea.", "Which stocks should I buy?",
+    "Can you fix my laptop's wifi?", "Tell me a joke about cats.", "Translate 'good morning' into Japanese.",
+    "What is the capital of Australia?", "Can you order me a pizza?", "Help me with my chemistry homework.",
+    "Book me a haircut for Friday.",
+]
+
+Scenario = Callable[[random.Random, dict], dict[str, Any]]
+
+
+def call(name: str, **args) -> SolutionCall:
+    return SolutionCall(name=name, args=args)
+
+
+def calls(*items: SolutionCall, say: str = "") -> SolutionTurn:
+    """One assistant turn making these calls (in order)."""
+    return SolutionTurn(say=say, calls=list(items))
+
+
+def say(text: str) -> SolutionTurn:
+    return SolutionTurn(say=text)
+
+
+def ask(key: str) -> SolutionTurn:
+    """The question that makes the simulated user give `key` (a `user_info` phrase)."""
+    return say(f"Sure. What is your {key}?")
+
+
+def milestone(name: str, **args) -> Milestone:
+    return Milestone(tool=name, args=args)
+
+
+def said(*words: str) -> Milestone:
+    return Milestone(say=list(words))
+
+
+def refuse(reason: str, *before: SolutionTurn) -> dict[str, Any]:
+    """Task fields for a request that must be declined (after optional look-ups): nothing may change."""
+    return dict(solution=[*before, say(f"Sorry, {reason}")], unchanged=True, milestones=[said(*REFUSAL_WORDS)],
+                tags=["refuse"])
+
+
+def off_topic(rng: random.Random, state: dict) -> dict[str, Any]:
+    """A request outside the domain."""
+    return dict(goal=rng.choice(OFF_TOPIC), **refuse("I can't help with that here."))
+
+
+def fresh_id(rng: random.Random, prefix: str, taken, low: int = 100, high: int = 999) -> str:
+    while True:
+        candidate = f"{prefix}{rng.randint(low, high)}"
+        if candidate not in taken:
+            return candidate
+
+
+class Domain(Environment):
+    """A built-in domain: `world(rng)` builds a random state, `scenarios` turn it into tasks."""
+
+    scenarios: ClassVar[tuple[Scenario, ...]] = ()
+    off_topic_share: ClassVar[float] = 0.05
+
+    @classmethod
+    def world(cls, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def generate(cls, seed: int) -> Task:
+        """The task for one seed: same seed, same task."""
+        rng = random.Random(f"{cls.name}:{seed}")
+        state = cls.world(rng)
+        scenario = off_topic if rng.random() < cls.off_topic_share else rng.choice(cls.scenarios)
+        fields = scenario(rng, state)
+        fields["tags"] = [scenario.__name__, *fields.get("tags", [])]
+        return Task(id=f"{cls.name}-{seed}", initial_state=state, **fields)
+
+    @classmethod
+    def tasks(cls, count: int, seed: int = 0) -> list[Task]:
+        return [cls.generate(seed + i) for i in range(count)]

@@ -1,0 +1,108 @@
+"""A task: what the user wants, the world it starts in, and how to tell whether it was done.
+
+Success is end-state based (ACEBench "end state"): every `expect` path holds in the final state (and
+with `unchanged`, nothing changed at all: the right answer was to refuse). Milestones give partial
+credit (ACEBench "process"): required calls, or words the final reply must contain.
+Tasks come from generators (built-in domains) or from a task file in JSONL or YAML.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from k2rl.validation import ValidationFailed, load_yaml, validate
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Milestone(Strict):
+    """A required call (`tool` with an `args` subset) or a reply check (`say`: any of these words)."""
+
+    tool: str | None = None
+    args: dict[str, Any] = {}
+    say: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        if (self.tool is None) == (self.say is None):
+            raise ValueError("a milestone has either `tool` (with optional `args`) or `say`")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.say is not None:
+            return "say:" + "|".join(self.say)
+        return f"{self.tool}({json.dumps(self.args, sort_keys=True)})" if self.args else f"{self.tool}()"
+
+
+class SolutionCall(Strict):
+    name: str
+    args: dict[str, Any] = {}
+
+
+class SolutionTurn(Strict):
+    """One reference assistant turn: text, tool calls, or both."""
+
+    say: str = ""
+    calls: list[SolutionCall] = []
+
+
+class Task(Strict):
+    id: str
+    tags: list[str] = Field([], description="free labels, e.g. the scenario kind; eval reports success per tag")
+    goal: str = Field(description="what the user wants; the simulated user's opening message unless `message` is set")
+    message: str | None = None
+    persona: str = ""
+    user_info: dict[str, str] = Field({}, description="facts the user gives when asked, by phrase (e.g. 'order id')")
+    user_confirms: bool = True
+    initial_state: dict[str, Any] = {}
+    expect: dict[str, Any] = Field({}, description="dotted path in the end state -> required value")
+    unchanged: bool = False
+    milestones: list[Milestone] = []
+    rubric: str | dict[str, Any] | None = None
+    token_budget: int | None = Field(None, gt=0)
+    max_turns: int | None = Field(None, ge=1)
+    solution: list[SolutionTurn] | None = None
+
+    @property
+    def opening(self) -> str:
+        return self.message or self.goal
+
+
+class _TaskFile(Strict):
+    tasks: list[Task]
+
+
+def load_tasks(path: str | Path) -> list[Task]:
+    """Tasks from a `.jsonl` (one task per line) or `.yaml`/`.yml` (a list, or `tasks:` list) file.
+    Errors name the file and line; task ids must be unique."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        if not path.exists():
+            raise ValidationFailed(f"{path}: file not found")
+        tasks = []
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    data = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValidationFailed(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
+                tasks.append(validate(Task, data, f"{path}:{lineno}"))
+    elif path.suffix in (".yaml", ".yml"):
+        data, lines = load_yaml(path)
+        if isinstance(data, list):
+            data, lines = {"tasks": data}, {("tasks",) + k: v for k, v in lines.items()}
+        tasks = validate(_TaskFile, data, str(path), lines).tasks
+    else:
+        raise ValidationFailed(f"{path}: task files are .jsonl, .yaml or .yml")
+    seen = set()
+    for task in tasks:
+        if task.id in seen:
+            raise ValidationFailed(f"{path}: duplicate task id {task.id!r}")
+        seen.add(task.id)
+    return tasks

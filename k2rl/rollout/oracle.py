@@ -1,0 +1,46 @@
+"""The scripted oracle: replays a task's reference solution through the live environment and user,
+as token ids, through the same `Episode` code as model rollouts.
+
+Its trajectories are SFT demonstrations (cold start: loss_mask marks the assistant turns) and the
+proof that a domain's tools, simulated user and checker agree (tests: >= 99% solved).
+"""
+from __future__ import annotations
+
+import json
+
+from k2rl.engines.rollout import Generation
+from k2rl.env.environment import Environment
+from k2rl.env.task import SolutionTurn, Task
+from k2rl.model.chat import ChatTokenizer
+from k2rl.model.template import GENERATION_PROMPT, render_message
+from k2rl.rollout.episode import Episode, Limits
+from k2rl.rollout.trajectory import Trajectory
+
+
+def solution_message(turn: SolutionTurn, first_call_index: int) -> dict:
+    """The assistant message for a reference turn; call ids `functions.NAME:IDX` count over the dialog."""
+    message = {"role": "assistant", "content": turn.say}
+    if turn.calls:
+        message["tool_calls"] = [
+            {"id": f"functions.{c.name}:{first_call_index + i}", "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.args, ensure_ascii=False)}}
+            for i, c in enumerate(turn.calls)]
+    return message
+
+
+def oracle_trajectory(env: Environment, task: Task, chat: ChatTokenizer, limits: Limits = Limits()) -> Trajectory:
+    """Play `task.solution` in `env`; the trajectory's check says whether the oracle solved the task."""
+    if task.solution is None:
+        raise ValueError(f"task {task.id} has no reference solution")
+    episode = Episode(env, task, chat, limits)
+    episode.start()
+    calls_made = 0
+    for turn in task.solution:
+        if episode.finished:
+            break
+        text = render_message(solution_message(turn, calls_made))[len(GENERATION_PROMPT):]
+        ids = chat.encode(text)
+        episode.advance(Generation(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))
+        calls_made += len(turn.calls)
+    episode.end("oracle_exhausted")
+    return episode.trajectory(episode.check())

@@ -1,0 +1,56 @@
+"""What one episode produces: exact token ids with a loss mask and rollout logprobs, the dialog as
+messages, the verifiable check result and the episode's stats. The RL loop computes rewards from it."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from k2rl.env.environment import CheckResult
+
+
+@dataclass
+class EpisodeStats:
+    turns: int = 0  # assistant generations
+    tool_calls: int = 0
+    valid_calls: int = 0  # known tool, valid arguments
+    errors: dict[str, int] = field(default_factory=dict)  # kind (k2rl.env.ERROR_KINDS) -> count
+    generated_tokens: int = 0
+    truncated: bool = False  # the last generation was cut off (budget, context or per-turn limit)
+    end_reason: str = ""  # done | max_turns | budget | context | turn_length | env_error | oracle_exhausted
+    env_error: str | None = None  # the environment failed (reset/step/check raised or timed out)
+    env_time_s: float = 0.0
+
+
+@dataclass
+class Trajectory:
+    """`token_ids` = prompt (tools, system, user, generation prompt) then, per turn, the generated ids
+    (loss_mask 1, `logprobs` from the rollout engine) and the observation ids (loss_mask 0: rendered
+    tool/user messages plus the next generation prompt). Nothing in it was re-tokenized from text."""
+
+    task_id: str
+    env: str
+    token_ids: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]  # per token; 0.0 where loss_mask is 0
+    prompt_len: int
+    messages: list[dict]
+    tools: list[dict]
+    result: CheckResult
+    stats: EpisodeStats
+    rubric: str | dict | None = None
+    sample: int = 0  # index among the samples of the same task
+
+    @property
+    def success(self) -> bool:
+        return self.result.success
+
+    @property
+    def score(self) -> float:
+        return self.result.score
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Trajectory:
+        data = dict(data, result=CheckResult(**data["result"]), stats=EpisodeStats(**data["stats"]))
+        return cls(**data)
