@@ -1,0 +1,300 @@
+"""The training side of a colocated worker: the K2 trainer model under DeepSpeed (ZeRO 1, 2 or 3).
+
+Batches are `TokenBatch`es: whole sequences (prompt + completion) as token ids, and beside them
+per-token tensors of the same length (`loss_mask`, and any `token_data` such as old logprobs or
+advantages) and per-sequence values (`seq_data`, e.g. rewards). Everything per token is aligned
+with `input_ids`: entry t belongs to token t, and a logprob at t is log p(token t | tokens < t), so
+position 0 has no logprob (0.0) and must be masked out.
+
+An RL loss is a function of the new policy's logprobs and the batch:
+
+    def loss_fn(new_logprobs: list[Tensor], batch: TokenBatch) -> tuple[Tensor, dict[str, float]]:
+        # new_logprobs[i]: [len(batch.input_ids[i])], differentiable, aligned as above
+        ...return loss (the mean over this micro-batch's loss tokens), stats
+
+`train_step` splits the batch into micro-batches of at most `train.micro_batch_tokens` padded tokens,
+calls `loss_fn` on each, weights each micro-batch by its share of the batch's loss tokens (so the
+gradient is the one of the token mean over the whole batch), accumulates, clips, steps the optimizer
+(then QK-Clip with MuonClip) and returns stats averaged over data-parallel ranks.
+
+Ranks: every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively),
+so a rank with fewer micro-batches runs extra ones with weight zero.
+"""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from k2rl.config import JobConfig
+from k2rl.engines.offload import PinnedOffloader
+from k2rl.model.checkpoint import load_model, save_weights, write_config
+from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
+
+
+@dataclass
+class TokenBatch:
+    input_ids: list[torch.Tensor]  # per sequence, int64 [T_i]
+    loss_mask: list[torch.Tensor]  # per sequence, bool [T_i]; False at position 0
+    token_data: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per sequence, [T_i]
+    seq_data: dict[str, torch.Tensor] = field(default_factory=dict)  # [num_sequences]
+
+    @classmethod
+    def from_lists(cls, input_ids: list[list[int]], loss_mask: list[list[bool]] | None = None, **token_data) -> TokenBatch:
+        """Build from plain lists; `loss_mask` defaults to every token after the first."""
+        ids = [torch.tensor(s, dtype=torch.long) for s in input_ids]
+        mask = ([torch.tensor(m, dtype=torch.bool) for m in loss_mask] if loss_mask is not None
+                else [torch.arange(len(s)) > 0 for s in ids])
+        extra = {k: [torch.as_tensor(v, dtype=torch.float32) for v in vals] for k, vals in token_data.items()}
+        return cls(ids, mask, extra)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def select(self, indices: list[int]) -> TokenBatch:
+        return TokenBatch([self.input_ids[i] for i in indices], [self.loss_mask[i] for i in indices],
+                          {k: [v[i] for i in indices] for k, v in self.token_data.items()},
+                          {k: v[indices] for k, v in self.seq_data.items()})
+
+    def shard(self, index: int, count: int) -> TokenBatch:
+        """Sequences index, index+count, ... : an even split across data-parallel ranks."""
+        return self.select(list(range(index, len(self), count)))
+
+    def num_loss_tokens(self) -> int:
+        return int(sum(m.sum() for m in self.loss_mask))
+
+    def micro_batches(self, max_tokens: int) -> list[TokenBatch]:
+        """Greedy split in order, each at most `max_tokens` once padded (a longer sequence goes alone)."""
+        groups, current, longest = [], [], 0
+        for i, seq in enumerate(self.input_ids):
+            longest_if_added = max(longest, len(seq))
+            if current and longest_if_added * (len(current) + 1) > max_tokens:
+                groups.append(current)
+                current, longest_if_added = [], len(seq)
+            current.append(i)
+            longest = longest_if_added
+        if current:
+            groups.append(current)
+        return [self.select(g) for g in groups]
+
+
+LossFn = Callable[[list[torch.Tensor], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
+
+
+def ds_config(job: JobConfig, on_gpu: bool) -> dict:
+    """DeepSpeed config: one micro-batch per `backward`; we mark the accumulation boundary ourselves."""
+    stage = job.train.zero_stage
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": job.train.grad_clip,
+        "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
+        "bf16": {"enabled": on_gpu},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def build_optimizer(model: torch.nn.Module, job: JobConfig) -> torch.optim.Optimizer:
+    """MuonClip from `k2rl.optim` when configured and present, else torch AdamW."""
+    cfg = job.optimizer
+    if cfg.name == "muonclip":
+        if importlib.util.find_spec("k2rl.optim") is None:
+            raise RuntimeError("optimizer.name 'muonclip' needs k2rl.optim, which is not installed; use 'adamw'")
+        from k2rl.optim import build_optimizer as build_muonclip
+
+        return build_muonclip(model, cfg)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+class TrainEngine:
+    """DeepSpeed over the trainer model; one data-parallel rank (rank/world from torch.distributed env)."""
+
+    def __init__(self, model_dir, job_cfg: JobConfig):
+        import deepspeed
+
+        self.model_dir = Path(model_dir)
+        self.job = job_cfg
+        self.on_gpu = torch.cuda.is_available()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        model = load_model(model_dir, torch.bfloat16 if self.on_gpu else torch.float32)
+        if job_cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = build_optimizer(model, job_cfg)
+        warmup = job_cfg.optimizer.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job_cfg, self.on_gpu))
+        self.model = self.engine.module
+        self.zero3 = job_cfg.train.zero_stage == 3
+        self.offloader = PinnedOffloader(self.engine) if self.on_gpu and job_cfg.train.offload == "pinned" else None
+        self.offloaded = False
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def _forward_logprobs(self, mb: TokenBatch) -> list[torch.Tensor]:
+        """Per-sequence logprobs of each token given its prefix (position 0: 0.0), right-padded batch."""
+        lengths = [len(s) for s in mb.input_ids]
+        ids = torch.nn.utils.rnn.pad_sequence(mb.input_ids, batch_first=True).to(self.device)
+        attn = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).to(self.device)
+        logits = self.engine(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+        return [logp[i, :n] for i, n in enumerate(lengths)]
+
+    def _aligned_micro_batches(self, batch: TokenBatch) -> list[tuple[TokenBatch, bool]]:
+        """This rank's micro-batches, padded with weight-zero repeats to the largest count of any rank."""
+        mbs = batch.micro_batches(self.job.train.micro_batch_tokens) if len(batch) else []
+        count = torch.tensor([len(mbs)])
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        filler = mbs[0].select([0]) if mbs else TokenBatch.from_lists([[0, 0]])
+        return [(mb, True) for mb in mbs] + [(filler, False)] * (int(count) - len(mbs))
+
+    def logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
+        """Per-sequence per-token logprobs under the current policy (no grad), aligned with input_ids."""
+        self._require_loaded("logprobs")
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for mb, real in self._aligned_micro_batches(batch):
+                logps = self._forward_logprobs(mb)
+                if real:
+                    out += [lp.float().cpu() for lp in logps]
+        reset_max_logits(self.model)
+        return out
+
+    # ---- step ------------------------------------------------------------------------------------
+    def train_step(self, batches: TokenBatch | list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over all sequences given (see module doc for the loss contract)."""
+        self._require_loaded("train_step")
+        batch = _concat(batches) if isinstance(batches, list) else batches
+        total = max(batch.num_loss_tokens(), 1)
+        self.engine.train()
+        reset_max_logits(self.model)
+        mbs = self._aligned_micro_batches(batch)
+        sums: dict[str, float] = {}
+        for i, (mb, real) in enumerate(mbs):
+            weight = mb.num_loss_tokens() / total if real else 0.0
+            loss, stats = loss_fn(self._forward_logprobs(mb), mb)
+            self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            self.engine.backward(loss * weight, scale_wrt_gas=False)
+            self.engine.step()
+            for k, v in {"loss": float(loss.detach()), **stats}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
+        return {**self._reduce_mean(sums), **self._after_step()}
+
+    def _after_step(self) -> dict[str, float]:
+        """Grad norm, lr, max attention logit (max over ranks) and QK-Clip, after the optimizer step."""
+        stats = {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": self.scheduler.get_last_lr()[0]}
+        head_max = head_max_logits(self.model)
+        if head_max is not None:
+            head_max = head_max.detach().clone()
+            dist.all_reduce(head_max, op=dist.ReduceOp.MAX)
+            stats["attn/max_logit"] = float(head_max.max())
+        opt = self.job.optimizer
+        if opt.name == "muonclip" and opt.qk_clip:
+            from k2rl.optim import apply_qk_clip
+
+            stats.update({k: float(v) for k, v in apply_qk_clip(self.model, opt.qk_clip_tau).items()})
+        reset_max_logits(self.model)
+        return stats
+
+    def _reduce_mean(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world for k, v in zip(keys, values)}
+
+    # ---- weights out -----------------------------------------------------------------------------
+    def export_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of full tensors in checkpoint names; ZeRO-3 gathers one bucket's parameters at a time.
+
+        All ranks must iterate to the end together (the ZeRO-3 gathers are collective). Under ZeRO-3
+        a bucket's tensors are copies, valid after the next bucket is gathered; otherwise they are views
+        of the live weights.
+        """
+        for group in self._param_groups(bucket_bytes):
+            if self.zero3:
+                import deepspeed
+
+                params = [t for _, t in group if hasattr(t, "ds_id")]
+                with deepspeed.zero.GatheredParameters(params):
+                    yield [(n, t.detach().clone()) for n, t in to_checkpoint_names(group)]
+            else:
+                yield [(n, t.detach()) for n, t in to_checkpoint_names(group)]
+
+    def _param_groups(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        group, size = [], 0
+        for name, tensor in trainable_state(self.model):
+            nbytes = (tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()) * tensor.element_size()
+            if group and size + nbytes > bucket_bytes:
+                yield group
+                group, size = [], 0
+            group.append((name, tensor))
+            size += nbytes
+        if group:
+            yield group
+
+    # ---- offload ---------------------------------------------------------------------------------
+    def offload(self) -> None:
+        """Move parameters, gradients and optimizer state off the accelerator (CPU: state only)."""
+        if self.on_gpu and not self.offloaded:
+            if self.offloader is not None:
+                self.offloader.offload()
+            elif self.job.train.offload == "deepspeed":
+                self.engine.offload_states(pin_memory=True, non_blocking=True)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        self.offloaded = True
+
+    def reload(self) -> None:
+        if self.on_gpu and self.offloaded:
+            if self.offloader is not None:
+                self.offloader.reload()
+            elif self.job.train.offload == "deepspeed":
+                self.engine.reload_states(non_blocking=True)
+            torch.cuda.synchronize()
+        self.offloaded = False
+
+    def holds_device_memory(self) -> bool:
+        return self.on_gpu and not self.offloaded
+
+    def _require_loaded(self, op: str) -> None:
+        if self.offloaded:
+            raise RuntimeError(f"TrainEngine.{op} while offloaded: call reload() first")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def save_checkpoint(self, out_dir) -> None:
+        """`out_dir`: the model in HF layout (loadable by vLLM and `load_model`) + `deepspeed/` state."""
+        self._require_loaded("save_checkpoint")
+        out_dir = Path(out_dir)
+        named = (pair for bucket in self.export_weights(self.job.rollout.weight_bucket_bytes) for pair in bucket)
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_config(self.model.config, out_dir, next(self.model.parameters()).dtype)
+            save_weights(named, out_dir)
+            for f in self.model_dir.glob("*token*"):
+                shutil.copy(f, out_dir / f.name)
+        else:
+            for _ in named:  # take part in the collective gathers
+                pass
+        self.engine.save_checkpoint(str(out_dir / "deepspeed"), tag="state")
+        dist.barrier()
+
+    def load_checkpoint(self, ckpt_dir) -> None:
+        self._require_loaded("load_checkpoint")
+        self.engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
+
+
+def _concat(batches: list[TokenBatch]) -> TokenBatch:
+    first = batches[0]
+    return TokenBatch([s for b in batches for s in b.input_ids], [m for b in batches for m in b.loss_mask],
+                      {k: [t for b in batches for t in b.token_data[k]] for k in first.token_data},
+                      {k: torch.cat([b.seq_data[k] for b in batches]) for k in first.seq_data})
