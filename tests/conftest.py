@@ -28,3 +28,55 @@ def tiny_model_dir(tmp_path_factory):
     from k2rl.model.build import make_model
 
     return make_model("k2-tiny", tmp_path_factory.mktemp("k2-tiny"), seed=0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir, tmp_path_factory):
+    """vLLM's OpenAI-compatible server for k2-tiny on a free loopback port; yields its base_url
+    (`http://127.0.0.1:PORT/v1`, model name = the model directory). One per test session (~45 s start).
+
+    Compact JSON (`disable_any_whitespace`): under a JSON-schema grammar a random model otherwise
+    spends its whole token budget on whitespace between keys."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
+           "--kv-cache-memory-bytes", str(256 << 20), "--attention-backend", "CPU_MLA",
+           "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+           "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base_url}/models", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vLLM server not ready after 240 s:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
