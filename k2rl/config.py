@@ -142,10 +142,6 @@ class JudgeConfig(Section):
     temperature: float = Field(0.0, ge=0)
     reason_chars: int = Field(200, ge=8, description="length of each criterion's reason; sets max_tokens")
     structured_output: bool = Field(True, description="send a JSON schema (response_format); off: parse+repair")
-    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per retry")
-    temperature: float = Field(0.0, ge=0)
-    reason_chars: int = Field(200, ge=8, description="length of each criterion's reason; sets max_tokens")
-    structured_output: bool = Field(True, description="send a JSON schema (response_format); off: parse+repair")
 
     @field_validator("mode", mode="before")
     @classmethod
