@@ -13,7 +13,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from k2rl.optim.newton_schulz import orthogonalize
+from k2rl.optim.newton_schulz import newton_schulz, normalize_into
 
 
 def orthogonalize_all(
@@ -51,22 +51,22 @@ def _orthogonalize_bucket(slabs, shape, steps, dtype, group) -> torch.Tensor:
     share = math.ceil(total / world)
     lo, hi = min(rank * share, total), min((rank + 1) * share, total)
     mine = torch.empty((share, *shape), dtype=dtype, device=slabs[0].device)
-    _gather_rows(slabs, lo, hi, mine)
+    _normalize_rows(slabs, lo, hi, mine)
     if world == 1:
-        return orthogonalize(mine, steps, dtype)
+        return newton_schulz(mine, steps)
     if hi > lo:
-        mine[: hi - lo] = orthogonalize(mine[: hi - lo], steps, dtype)
+        mine[: hi - lo] = newton_schulz(mine[: hi - lo], steps)
     mine[hi - lo :].zero_()
     everything = torch.empty((world * share, *shape), dtype=dtype, device=mine.device)
     dist.all_gather_into_tensor(everything, mine, group=group)
     return everything[:total]
 
 
-def _gather_rows(slabs: list[torch.Tensor], lo: int, hi: int, into: torch.Tensor) -> None:
-    """Copy (and cast) rows [lo, hi) of the virtual concatenation of `slabs` into `into`."""
+def _normalize_rows(slabs: list[torch.Tensor], lo: int, hi: int, into: torch.Tensor) -> None:
+    """Normalize rows [lo, hi) of the virtual concatenation of `slabs` into `into` (cast to its dtype)."""
     start = 0
     for slab in slabs:
         a, b = max(lo, start), min(hi, start + slab.shape[0])
         if a < b:
-            into[a - lo : b - lo].copy_(slab[a - start : b - start])
+            normalize_into(slab[a - start : b - start], into[a - lo : b - lo])
         start += slab.shape[0]

@@ -29,7 +29,9 @@ from k2rl.optim.batched import orthogonalize_all
 
 
 class MuonClip(torch.optim.Optimizer):
-    """Param groups with `use_muon=True` carry `matrix_rows`: for each parameter, the rows of one of its
+    """The momentum buffer holds (1 - mu) M_t (an EMA, as in Keller Jordan's Muon), which NS normalizes away.
+
+    Param groups with `use_muon=True` carry `matrix_rows`: for each parameter, the rows of one of its
     matrices (a [E, 2I, H] gate_up stack has rows I: gate and up are separate matrices, as in the
     checkpoint); the parameter is viewed as [-1, rows, cols] and each slice is orthogonalized alone."""
 
@@ -77,9 +79,9 @@ class MuonClip(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         bufs = [self._state_tensor(p, "momentum_buffer") for p in params]
         mu, lr = group["momentum"], group["lr"]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        # (1 - mu) x the formulas' M_t and G + mu M_t, one pass each; NS is blind to the scale.
+        torch._foreach_lerp_(bufs, grads, 1 - mu)
+        updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
         matrices = [u.view(-1, rows, u.shape[-1]) for u, (_, rows) in zip(updates, live)]
         orthogonal = orthogonalize_all(matrices, group["ns_steps"], self.ns_dtype, self._split_group())
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])

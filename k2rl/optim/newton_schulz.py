@@ -29,11 +29,23 @@ def use_gram(n: int, m: int) -> bool:
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """NS5(g) for g [B, n, m] with n <= m, computed in `dtype`; returns a new [B, n, m] tensor in `dtype`."""
-    if g.size(-2) > g.size(-1):
-        raise ValueError(f"orthogonalize wants wide matrices (n <= m), got {tuple(g.shape)}")
+    x = torch.empty(g.shape, dtype=dtype, device=g.device)
+    normalize_into(g, x)
+    return newton_schulz(x, steps)
+
+
+def normalize_into(g: torch.Tensor, out: torch.Tensor) -> None:
+    """out = g / ||g||_F per matrix, in one pass that also casts: normalizing before the cast keeps
+    small fp32 values from underflowing fp16."""
     norm = torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True, dtype=torch.float32)
-    x = (g / (norm + 1e-7)).to(dtype)
-    if use_gram(g.size(-2), g.size(-1)):
+    torch.div(g, norm.add_(1e-7), out=out)
+
+
+def newton_schulz(x: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """NS5 of normalized wide matrices x [B, n, m] (n <= m), in x's dtype."""
+    if x.size(-2) > x.size(-1):
+        raise ValueError(f"newton_schulz wants wide matrices (n <= m), got {tuple(x.shape)}")
+    if use_gram(x.size(-2), x.size(-1)):
         return _gram_newton_schulz(x, steps)
     return _newton_schulz(x, steps)
 

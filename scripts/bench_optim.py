@@ -1,0 +1,153 @@
+"""One optimizer step on one K2 MoE layer's matrices: MuonClip vs fused AdamW vs torch.optim.Muon.
+
+    python scripts/bench_optim.py            # on a GPU: K2's sizes, fp32 master weights
+    python scripts/bench_optim.py --small    # quick CPU check of the script itself
+
+The layer: MLA (hidden 7168, q/kv ranks 1536/512, 64 heads), the router, 32 routed experts stacked as
+the model holds them ([E, 2I, H] gate_up, [E, H, I] down) and the shared expert: 1.56 B parameters.
+torch.optim.Muon takes 2-D parameters only, so it gets the same matrices one expert at a time and no
+norms. Prints ms per step (median of CUDA-event timings), ratios, the part spent in Newton-Schulz,
+its flops and the rate achieved, and NS accuracy against fp64.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from k2rl.optim.batched import orthogonalize_all
+from k2rl.optim.build import muonclip_param_groups
+from k2rl.optim.muonclip import MuonClip
+from k2rl.optim.newton_schulz import _newton_schulz, orthogonalize, use_gram
+
+LR, WD = 2e-4, 0.1
+
+
+def layer_shapes(small: bool) -> dict[str, tuple[int, ...]]:
+    h, q_rank, kv_rank, heads, experts, inter, routed = (7168, 1536, 512, 64, 32, 2048, 384)
+    if small:
+        h, q_rank, kv_rank, heads, experts, inter, routed = (256, 96, 64, 4, 3, 64, 8)
+    nope, rope, v = 128, 64, 128
+    return {
+        "self_attn.q_a_proj.weight": (q_rank, h),
+        "self_attn.q_a_layernorm.weight": (q_rank,),
+        "self_attn.q_b_proj.weight": (heads * (nope + rope), q_rank),
+        "self_attn.kv_a_proj_with_mqa.weight": (kv_rank + rope, h),
+        "self_attn.kv_a_layernorm.weight": (kv_rank,),
+        "self_attn.kv_b_proj.weight": (heads * (nope + v), kv_rank),
+        "self_attn.o_proj.weight": (h, heads * v),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "mlp.gate.weight": (routed, h),
+        "mlp.experts.gate_up_proj": (experts, 2 * inter, h),
+        "mlp.experts.down_proj": (experts, h, inter),
+        "mlp.shared_experts.gate_proj.weight": (inter, h),
+        "mlp.shared_experts.up_proj.weight": (inter, h),
+        "mlp.shared_experts.down_proj.weight": (h, inter),
+    }
+
+
+def make_params(shapes, device, seed=0) -> dict[str, torch.nn.Parameter]:
+    """fp32 weights with random (never zero) gradients."""
+    gen = torch.Generator(device).manual_seed(seed)
+    params = {}
+    for name, shape in shapes.items():
+        p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen) * 0.02)
+        p.grad = torch.randn(shape, device=device, generator=gen) * 1e-3
+        params[name] = p
+    return params
+
+
+def as_2d_matrices(params: dict[str, torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """The same matrices as separate 2-D parameters (per expert, gate and up apart), for torch's Muon."""
+    out = []
+    for name, p in params.items():
+        if p.ndim < 2:
+            continue
+        rows = p.shape[-2] // 2 if name.endswith("gate_up_proj") else p.shape[-2]
+        for mat, grad in zip(p.detach().view(-1, rows, p.shape[-1]), p.grad.view(-1, rows, p.shape[-1])):
+            q = torch.nn.Parameter(mat.clone())
+            q.grad = grad.clone()
+            out.append(q)
+    return out
+
+
+def median_ms(fn, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def ns_flops(n: int, m: int, steps: int = 5) -> float:
+    """Matmul flops of one NS5 on an n x m matrix as `orthogonalize` runs it (Gram with one restart or plain)."""
+    n, m = min(n, m), max(n, m)
+    unit, r = 2 * n**3, m / n
+    return unit * ((4 * r + 14) if use_gram(n, m) else (10 * r + 5)) * (steps / 5)
+
+
+def bench(small: bool, iters: int) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = layer_shapes(small)
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"{total / 1e9:.3f} B parameters, fp32")
+
+    params = make_params(shapes, device)
+    opt = MuonClip(muonclip_param_groups(params.items()), lr=LR, weight_decay=WD)
+    muon_ms = median_ms(opt.step, iters)
+    group = opt.param_groups[0]
+    matrices = [opt.state[p]["momentum_buffer"].view(-1, rows, p.shape[-1])
+                for p, rows in zip(group["params"], group["matrix_rows"])]
+    ns_ms = median_ms(lambda: orthogonalize_all(matrices, 5, opt.ns_dtype), iters)
+    flops = sum(m.shape[0] * ns_flops(*m.shape[-2:]) for m in matrices)
+    del opt, params, matrices
+
+    params = make_params(shapes, device)
+    fused = device == "cuda"
+    adamw = torch.optim.AdamW(params.values(), lr=LR, weight_decay=WD, fused=fused, foreach=not fused)
+    adamw_ms = median_ms(adamw.step, iters)
+    del adamw, params
+
+    mats = as_2d_matrices(make_params(shapes, device))
+    torch_muon = torch.optim.Muon(mats, lr=LR, weight_decay=WD, adjust_lr_fn="match_rms_adamw")
+    torch_muon_ms = median_ms(torch_muon.step, max(3, iters // 3))
+    del torch_muon, mats
+
+    g = torch.randn(*(shapes["mlp.shared_experts.gate_proj.weight"]), device=device)
+    ref = _newton_schulz((g / g.norm()).double()[None], 5)
+    err = {str(dt).removeprefix("torch."): ((orthogonalize(g[None], 5, dt).double() - ref).norm() / ref.norm()).item()
+           for dt in (torch.float16, torch.bfloat16)}
+
+    print(f"{'optimizer':<34}{'ms/step':>10}{'x AdamW':>10}")
+    for name, ms in (("fused AdamW", adamw_ms), ("MuonClip (k2rl)", muon_ms),
+                     ("torch.optim.Muon match_rms_adamw", torch_muon_ms)):
+        print(f"{name:<34}{ms:>10.2f}{ms / adamw_ms:>10.2f}")
+    print(f"MuonClip vs torch Muon: {torch_muon_ms / muon_ms:.2f}x faster")
+    print(f"Newton-Schulz alone: {ns_ms:.2f} ms = {ns_ms / muon_ms:.0%} of the MuonClip step; "
+          f"{flops / 1e12:.1f} TFLOP -> {flops / ns_ms / 1e9:.0f} TFLOP/s")
+    print("NS5 relative error vs fp64 on one expert matrix: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--small", action="store_true", help="tiny shapes, to check the script on a CPU")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    bench(args.small, args.iters)
