@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from k2rl.env import Environment, Milestone, SolutionCall, SolutionTurn, Task
+from k2rl.env import Environment, Milestone, SolutionCall, SolutionTurn, Task, ToolError
 
 REFUSAL_WORDS = ["sorry", "cannot", "can't", "unable"]
 
@@ -26,8 +26,8 @@ OFF_TOPIC = [
 Scenario = Callable[[random.Random, dict], dict[str, Any]]
 
 
-def call(name: str, **args) -> SolutionCall:
-    return SolutionCall(name=name, args=args)
+def call(tool_name: str, /, **args) -> SolutionCall:
+    return SolutionCall(name=tool_name, args=args)
 
 
 def calls(*items: SolutionCall, say: str = "") -> SolutionTurn:
@@ -44,8 +44,8 @@ def ask(key: str) -> SolutionTurn:
     return say(f"Sure. What is your {key}?")
 
 
-def milestone(name: str, **args) -> Milestone:
-    return Milestone(tool=name, args=args)
+def milestone(tool_name: str, /, **args) -> Milestone:
+    return Milestone(tool=tool_name, args=args)
 
 
 def said(*words: str) -> Milestone:
@@ -79,6 +79,17 @@ class Domain(Environment):
     @classmethod
     def world(cls, rng: random.Random) -> dict:
         raise NotImplementedError
+
+    def record(self, collection: str, key: str) -> dict:
+        """`state[collection][key]`, or a ToolError the model can read."""
+        if key not in self.state[collection]:
+            raise ToolError(f"no {collection.rstrip('s')} {key}")
+        return self.state[collection][key]
+
+    def new_id(self, prefix: str) -> str:
+        """Ids of created records come from the state's counter, so generators can predict them."""
+        self.state["next"] += 1
+        return f"{prefix}{self.state['next'] - 1}"
 
     @classmethod
     def generate(cls, seed: int) -> Task:

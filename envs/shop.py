@@ -58,8 +58,7 @@ class Shop(Domain):
         cart = self.state["cart"]
         if not cart:
             raise ToolError("the cart is empty")
-        oid = f"O{self.state['next']}"
-        self.state["next"] += 1
+        oid = self.new_id("O")
         for sku, qty in cart.items():
             self.state["items"][sku]["stock"] -= qty
         total = sum(self.state["items"][sku]["price"] * qty for sku, qty in cart.items())
@@ -93,14 +92,10 @@ class Shop(Domain):
         return {"id": id, **order}
 
     def _item(self, sku: str) -> dict:
-        if sku not in self.state["items"]:
-            raise ToolError(f"no item {sku}")
-        return self.state["items"][sku]
+        return self.record("items", sku)
 
     def _order(self, id: str) -> dict:
-        if id not in self.state["orders"]:
-            raise ToolError(f"no order {id}")
-        return self.state["orders"][id]
+        return self.record("orders", id)
 
     @classmethod
     def world(cls, rng: random.Random) -> dict:

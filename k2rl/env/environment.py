@@ -159,11 +159,9 @@ class Environment:
                    for name, args in self.calls)
 
 
-_MISSING = object()
-
-
 def lookup(state: Any, path: str) -> Any:
-    """`state` at a dotted path ("orders.O12.status", list indices as numbers); a sentinel if absent."""
+    """`state` at a dotted path ("orders.O12.status", list indices as numbers); None if absent, so
+    `expect: {"events.E7": null}` means "E7 was deleted"."""
     node = state
     for part in path.split("."):
         if isinstance(node, dict) and part in node:
@@ -171,7 +169,7 @@ def lookup(state: Any, path: str) -> Any:
         elif isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
             node = node[int(part)]
         else:
-            return _MISSING
+            return None
     return node
 
 
