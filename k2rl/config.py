@@ -114,14 +114,27 @@ class AlgorithmConfig(Section):
 
 
 class EnvConfig(Section):
-    name: str = "shop"
+    """Which environment, where its tasks come from, and the per-episode limits (see docs/envs.md)."""
+
+    name: str = Field("shop", description="built-in name, package.module:Class, path/to/file.py:Class or entry point")
+    task_file: str | None = Field(None, description="JSONL/YAML tasks instead of the environment's own")
     train_seed: int = 0
     eval_seed: int = 1_000_000
     eval_tasks: int = Field(200, ge=0)
     max_turns: int = Field(8, ge=1)
-    token_budget: int = Field(1024, gt=0)
+    token_budget: int = Field(1024, gt=0, description="generated tokens per episode; over it: truncated, flagged")
     tool_timeout_s: float = Field(5.0, gt=0)
-    options: dict[str, Any] = {}
+    step_timeout_s: float = Field(30.0, gt=0, description="one environment step or check, all tools included")
+    user: Literal["rule", "llm"] = "rule"
+    user_base_url: str | None = None
+    user_model: str | None = None
+    options: dict[str, Any] = Field({}, description="keyword arguments for the environment's constructor")
+
+    @model_validator(mode="after")
+    def _llm_user_needs_url(self):
+        if self.user == "llm" and not self.user_base_url:
+            raise ValueError("env.user 'llm' needs env.user_base_url (an OpenAI-compatible endpoint)")
+        return self
 
 
 class JudgeConfig(Section):
