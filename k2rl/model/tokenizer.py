@@ -43,14 +43,32 @@ _WORDS = (
 ).split()
 
 
+def _declaration(rng: random.Random) -> str:
+    """A tool declaration list exactly as the chat template writes it (json.dumps, sorted schema keys)."""
+    def param():
+        kind = rng.choice(["string", "integer", "number", "boolean"])
+        return {"description": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(0, 4))), "type": kind} if rng.random() < 0.3 \
+            else ({"default": rng.randint(0, 5), "type": kind} if rng.random() < 0.2 else {"type": kind})
+    tools = []
+    for _ in range(rng.randint(1, 4)):
+        props = {rng.choice(_WORDS) + rng.choice(["", "_id", "_name"]): param() for _ in range(rng.randint(0, 3))}
+        params = {"properties": props, "required": list(props)[:1], "type": "object"} if props else {"properties": {}, "type": "object"}
+        tools.append({"type": "function", "function": {
+            "name": rng.choice(_WORDS) + rng.choice(["", "_" + rng.choice(_WORDS)]),
+            "description": (" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 8))) + ".").capitalize(),
+            "parameters": params}})
+    return json.dumps(tools)
+
+
 def _training_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
-    """Synthetic text that looks like tool-use dialogs: words, numbers, ids, dates and JSON."""
+    """Synthetic text that looks like tool-use dialogs: words, numbers, ids, dates, JSON results and
+    tool declarations (so a prompt's declaration block costs few tokens)."""
     rng = random.Random(seed)
     out = []
     for i in range(lines):
         words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16)))
         sentence = words[:1].upper() + words[1:] + rng.choice([".", "?", "!", ","])
-        kind = i % 4
+        kind = i % 5
         if kind == 0:
             out.append(sentence)
         elif kind == 1:
@@ -62,6 +80,8 @@ def _training_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
             out.append(f"## Return of functions.{rng.choice(_WORDS)}:{rng.randint(0, 9)}\n"
                        + json.dumps({"status": rng.choice(["ok", "error"]), "id": rng.randint(1, 99999),
                                      "date": f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"}))
+        elif kind == 3:
+            out.append(_declaration(rng))
         else:
             out.append(f"{sentence} {rng.randint(0, 100000)} {rng.randint(1, 12)}:{rng.randint(0, 59):02d} ${rng.randint(1, 5000)}.{rng.randint(0, 99):02d}")
     return out
