@@ -13,14 +13,13 @@ import copy
 import inspect
 import json
 import math
-import random
 import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from k2rl.env.task import Task, load_tasks
+from k2rl.env.task import Task, load_tasks, sample_tasks
 from k2rl.env.tool import Tool, ToolError
 from k2rl.env.user import RuleUser, User
 from k2rl.model.template import ParsedTurn, ToolCall
@@ -78,9 +77,7 @@ class Environment:
         """`count` tasks chosen by `seed` (fewer if the task file has fewer)."""
         if cls.task_file is None:
             raise NotImplementedError(f"{cls.__name__}: set `task_file` or override `tasks(count, seed)`")
-        tasks = load_tasks(Path(inspect.getfile(cls)).parent / cls.task_file)
-        random.Random(seed).shuffle(tasks)
-        return tasks[:count]
+        return sample_tasks(load_tasks(Path(inspect.getfile(cls)).parent / cls.task_file), count, seed)
 
     @classmethod
     def declarations(cls) -> list[dict]:

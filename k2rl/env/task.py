@@ -8,6 +8,7 @@ Tasks come from generators (built-in domains) or from a task file in JSONL or YA
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,10 @@ def load_tasks(path: str | Path) -> list[Task]:
             raise ValidationFailed(f"{path}: duplicate task id {task.id!r}")
         seen.add(task.id)
     return tasks
+
+
+def sample_tasks(tasks: list[Task], count: int, seed: int) -> list[Task]:
+    """`count` of `tasks` (all of them if fewer), in an order fixed by `seed`."""
+    tasks = list(tasks)
+    random.Random(seed).shuffle(tasks)
+    return tasks[:count]

@@ -11,6 +11,7 @@ import traceback
 from collections import Counter
 from dataclasses import dataclass
 
+from k2rl.config import EnvConfig
 from k2rl.engines.rollout import Generation
 from k2rl.env.environment import CheckResult, Environment, StepResult
 from k2rl.env.task import Task
@@ -28,6 +29,11 @@ class Limits:
     max_new_tokens: int = 256  # per turn
     max_context: int = 2048  # the whole trajectory: the engine's max_model_len
     step_timeout_s: float = 30.0  # one environment step (all its tool calls, the user's reply) or check
+
+    @classmethod
+    def from_config(cls, env: EnvConfig, max_new_tokens: int, max_context: int) -> Limits:
+        return cls(max_turns=env.max_turns, token_budget=env.token_budget, max_new_tokens=max_new_tokens,
+                   max_context=max_context, step_timeout_s=env.step_timeout_s)
 
 
 class Episode:
