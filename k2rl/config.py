@@ -76,6 +76,8 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     ns_steps: int = Field(5, ge=1)
+    ns_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="Newton-Schulz precision: fp16 is as fast as bf16 and 8x finer (inputs are normalized)")
     qk_clip: bool = True
     qk_clip_tau: float = Field(100.0, gt=0)
     warmup_steps: int = Field(0, ge=0)
