@@ -1,0 +1,322 @@
+"""Colocated workers: one Ray actor per accelerator owns a vLLM `RolloutEngine` and a DeepSpeed
+`TrainEngine`, and they take turns on the device under an explicit phase state machine:
+
+    ROLLOUT --to_train()--> SWITCHING --> TRAIN --to_rollout()--> SWITCHING --> ROLLOUT
+
+to_train:   vLLM sleeps (weights and KV cache freed), the trainer reloads its state.
+to_rollout: vLLM wakes its weights, the trainer streams its weights into vLLM in buckets (in memory,
+            in checkpoint names), the trainer offloads, then vLLM wakes its KV cache (waking the KV cache
+            last keeps the peak below trainer + vLLM weights + KV cache).
+A call in the wrong phase raises `PhaseError` naming the worker, its phase and the allowed phase.
+A switch that fails leaves the worker in SWITCHING, where only `stats` answers.
+
+`WorkerGroup` is the driver's handle: it places N workers in a Ray placement group (one bundle per
+accelerator), makes them one torch.distributed world (DeepSpeed data parallel), fans calls out
+(splitting prompts and batches across workers) and turns a dead worker into `WorkerFailed`, naming
+the worker and its phase, as soon as Ray reports the death. The driver never holds a model.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from k2rl.config import JobConfig
+from k2rl.engines.rollout import Generation, RolloutEngine, SamplingConfig
+from k2rl.engines.train import LossFn, TokenBatch, TrainEngine
+
+# Environment the actors need before importing vLLM / DeepSpeed (see PLATFORM.md).
+_ACTOR_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED")
+
+
+class Phase(str, enum.Enum):
+    ROLLOUT = "ROLLOUT"
+    SWITCHING = "SWITCHING"
+    TRAIN = "TRAIN"
+
+
+class PhaseError(RuntimeError):
+    """An operation called in a phase that does not allow it."""
+
+
+class WorkerFailed(RuntimeError):
+    """A worker died or failed during a call; the message names the worker, call and phase."""
+
+
+def requires(phase: Phase) -> Callable:
+    def decorate(method):
+        @functools.wraps(method)
+        def checked(self, *args, **kwargs):
+            if self.phase is not phase:
+                raise PhaseError(f"worker {self.rank}: {method.__name__}() is allowed in phase {phase.value}, "
+                                 f"but the worker is in phase {self.phase.value}")
+            return method(self, *args, **kwargs)
+        return checked
+    return decorate
+
+
+class Worker:
+    """Both engines on one accelerator. Plain class: `WorkerGroup` runs it as a Ray actor."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+        self.phase = Phase.SWITCHING  # until setup() has built the engines
+        self.timings: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """This host's address and a free port, for rank 0 to host the torch.distributed rendezvous."""
+        host = socket.gethostbyname(socket.gethostname())
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return host, s.getsockname()[1]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def setup(self, model_dir: str, job: dict, master: tuple[str, int]) -> None:
+        """Build the trainer (joining the DeepSpeed world), offload it, then vLLM: start in ROLLOUT."""
+        self.job = JobConfig.model_validate(job)
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
+                          MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
+        with self._timed("time/setup_train"):
+            self.train = TrainEngine(model_dir, self.job)
+            self.train.offload()
+        with self._timed("time/setup_rollout"):
+            self.rollout = RolloutEngine.from_config(model_dir, self.job.rollout, self.job.model.dtype,
+                                                     self.job.run.seed + self.rank)
+        self.phase = Phase.ROLLOUT
+
+    # ---- rollout phase ---------------------------------------------------------------------------
+    @requires(Phase.ROLLOUT)
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        with self._timed("time/rollout"):
+            return self.rollout.generate(prompts, sampling)
+
+    # ---- switches --------------------------------------------------------------------------------
+    @requires(Phase.ROLLOUT)
+    def to_train(self) -> None:
+        self.phase = Phase.SWITCHING
+        with self._timed("time/sleep"):
+            self.rollout.sleep()
+        with self._timed("time/reload"):
+            self.train.reload()
+        self.phase = Phase.TRAIN
+
+    @requires(Phase.TRAIN)
+    def to_rollout(self) -> None:
+        self.phase = Phase.SWITCHING
+        with self._timed("time/wake"):
+            self.rollout.wake(("weights",))
+        self.sync_weights()
+        with self._timed("time/offload"):
+            self.train.offload()
+        with self._timed("time/wake"):
+            self.rollout.wake(("kv_cache",))
+        self.phase = Phase.ROLLOUT
+
+    def sync_weights(self) -> None:
+        """Stream the trainer's weights into vLLM: buckets from the trainer, one in-place reload in vLLM."""
+        moved = 0
+
+        def stream():
+            nonlocal moved
+            for bucket in self.train.export_weights(self.job.rollout.weight_bucket_bytes):
+                for name, tensor in bucket:
+                    moved += tensor.numel() * tensor.element_size()
+                    yield name, tensor
+
+        start = time.perf_counter()
+        self.rollout.load_weights(stream())
+        seconds = time.perf_counter() - start
+        self.timings["time/sync"] = self.timings.get("time/sync", 0.0) + seconds
+        self.metrics.update({"sync/bytes": moved, "sync/gb_per_s": moved / seconds / 1e9})
+
+    # ---- train phase -----------------------------------------------------------------------------
+    @requires(Phase.TRAIN)
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        with self._timed("time/train"):
+            return self.train.train_step(batch, loss_fn)
+
+    @requires(Phase.TRAIN)
+    def logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
+        """Trainer logprobs; with `rollout_logprobs` in batch.token_data also the vLLM-trainer gap."""
+        with self._timed("time/logprobs"):
+            out = self.train.logprobs(batch)
+        if "rollout_logprobs" in batch.token_data and len(batch):
+            mask = torch.cat(batch.loss_mask)
+            gap = (torch.cat(out) - torch.cat(batch.token_data["rollout_logprobs"]))[mask].abs()
+            if gap.numel():
+                self.metrics.update({"mismatch/logprob_abs": float(gap.mean()), "mismatch/logprob_abs_max": float(gap.max())})
+        return out
+
+    @requires(Phase.TRAIN)
+    def save_checkpoint(self, out_dir: str) -> None:
+        with self._timed("time/save"):
+            self.train.save_checkpoint(out_dir)
+
+    @requires(Phase.TRAIN)
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        """Trainer state from a checkpoint; vLLM gets the weights at the next to_rollout()."""
+        self.train.load_checkpoint(ckpt_dir)
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Timings and metrics since the last call, the phase and what each engine holds on the device."""
+        out = {**self.timings, **self.metrics, "phase": self.phase.value}
+        if hasattr(self, "rollout"):
+            out.update({f"memory/rollout_{k}": v for k, v in self.rollout.holds_device_memory().items()})
+            out["memory/train"] = self.train.holds_device_memory()
+        self.timings, self.metrics = {}, {}
+        return out
+
+    def _timed(self, key: str):
+        worker = self
+
+        class Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                worker.timings[key] = worker.timings.get(key, 0.0) + time.perf_counter() - self.start
+
+        return Timer()
+
+
+class WorkerGroup:
+    """N colocated workers as Ray actors in one placement group; the loop's single handle on them."""
+
+    def __init__(self, model_dir: str | Path, job: JobConfig):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        if not ray.is_initialized():
+            ray.init(address=job.workers.ray_address, log_to_driver=False)
+        w = job.workers
+        self.num_workers, self.timeout = w.num_workers, w.call_timeout_s
+        bundle = {"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if w.gpus_per_worker else {})}
+        self.pg = placement_group([bundle] * w.num_workers, strategy="PACK")
+        ray.get(self.pg.ready(), timeout=self.timeout)
+        env = {k: os.environ[k] for k in _ACTOR_ENV if k in os.environ}
+        actor = ray.remote(Worker)
+        self.actors = [
+            actor.options(num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0,
+                          runtime_env={"env_vars": env},
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
+            .remote(i, w.num_workers)
+            for i in range(w.num_workers)]
+        self.phase = [Phase.SWITCHING] * w.num_workers
+        self.pids = self._call("pid")
+        master = self._call_one(0, "address")
+        self._call("setup", str(model_dir), job.model_dump(mode="json"), master)
+        self.phase = [Phase.ROLLOUT] * w.num_workers
+
+    # ---- fan-out ---------------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
+        """Prompts split into contiguous chunks, one per worker; results in prompt order."""
+        chunks = _chunks(len(prompts), self.num_workers)
+        budgets = sampling.max_tokens
+        per_worker = []
+        for lo, hi in chunks:
+            part = SamplingConfig(**{**sampling.__dict__, "max_tokens": budgets[lo:hi] if isinstance(budgets, list) else budgets})
+            per_worker.append((prompts[lo:hi], part))
+        results = self._call_each("generate", per_worker, skip_empty=[hi == lo for lo, hi in chunks])
+        return [g for part in results for g in part]
+
+    def to_train(self) -> None:
+        self._call("to_train", next_phase=Phase.TRAIN)
+
+    def to_rollout(self) -> None:
+        self._call("to_rollout", next_phase=Phase.ROLLOUT)
+
+    def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
+        """Sequences dealt round-robin to the workers; stats come back already averaged over ranks."""
+        return self._call_each("train_step", [(batch.shard(i, self.num_workers), loss_fn) for i in range(self.num_workers)])[0]
+
+    def logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
+        parts = self._call_each("logprobs", [(batch.shard(i, self.num_workers),) for i in range(self.num_workers)])
+        out: list[torch.Tensor] = [None] * len(batch)
+        for i, part in enumerate(parts):
+            out[i::self.num_workers] = part
+        return out
+
+    def save_checkpoint(self, out_dir) -> None:
+        self._call("save_checkpoint", str(out_dir))
+
+    def load_checkpoint(self, ckpt_dir) -> None:
+        self._call("load_checkpoint", str(ckpt_dir))
+
+    def stats(self) -> dict:
+        """Per key the max over workers (the slowest worker sets the step time); phases listed."""
+        per_worker = self._call("stats")
+        merged = {}
+        for s in per_worker:
+            for k, v in s.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    merged[k] = max(merged.get(k, v), v)
+        merged["phases"] = [s["phase"] for s in per_worker]
+        return merged
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+
+    # ---- calls and failures ----------------------------------------------------------------------
+    def _call(self, method: str, *args, next_phase: Phase | None = None):
+        return self._call_each(method, [args] * self.num_workers, next_phase=next_phase)
+
+    def _call_one(self, index: int, method: str, *args):
+        return self._wait({getattr(self.actors[index], method).remote(*args): index}, method)[index]
+
+    def _call_each(self, method: str, args_per_worker: list[tuple], next_phase: Phase | None = None,
+                   skip_empty: list[bool] | None = None) -> list:
+        if next_phase is not None:
+            self.phase = [Phase.SWITCHING] * self.num_workers
+        refs = {getattr(a, method).remote(*args): i
+                for i, (a, args) in enumerate(zip(self.actors, args_per_worker)) if not (skip_empty and skip_empty[i])}
+        done = self._wait(refs, method)
+        if next_phase is not None:
+            self.phase = [next_phase] * self.num_workers
+        return [done.get(i, []) for i in range(self.num_workers)]
+
+    def _wait(self, refs: dict, method: str) -> dict[int, object]:
+        """Results by worker index; the first failure (a death included) raises at once, not at the end."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        results, pending, deadline = {}, list(refs), time.monotonic() + self.timeout
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                slow = sorted(refs[r] for r in pending)
+                raise WorkerFailed(f"workers {slow} did not finish {method}() within {self.timeout:.0f}s "
+                                   f"(phase {self.phase[slow[0]].value})")
+            i = refs[ready[0]]
+            try:
+                results[i] = ray.get(ready[0])
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                raise WorkerFailed(f"worker {i} (pid {self.pids[i] if hasattr(self, 'pids') else '?'}) died during "
+                                   f"{method}() in phase {self.phase[i].value}: {type(e).__name__}") from e
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, PhaseError):
+                    raise e.cause from None
+                raise WorkerFailed(f"worker {i} failed in {method}() (phase {self.phase[i].value}): {e.cause!r}") from e
+        return results
+
+
+def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) ranges of sizes differing by at most one."""
+    bounds = [round(n * k / parts) for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
