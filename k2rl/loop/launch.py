@@ -1,0 +1,58 @@
+"""Start (or resume) a run: run directory, initial model, Ray workers, then the Trainer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from k2rl.config import JobConfig
+from k2rl.loop.run_dir import RunDir
+from k2rl.loop.trainer import Trainer, restore
+
+
+def initial_model(config: JobConfig, run_dir: RunDir) -> Path:
+    """`model.path` when given, else the preset built once into the run directory (seeded)."""
+    if config.model.path:
+        path = Path(config.model.path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model.path {path}: no config.json there; expected an HF-layout model directory")
+        return path
+    from k2rl.model.build import make_model
+
+    path = run_dir.path / "model_init"
+    if not (path / "model.safetensors").exists() and not list(path.glob("model-*.safetensors")):
+        make_model(config.model.preset, path, seed=config.model.init_seed)
+    return path
+
+
+def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import ray
+
+    from k2rl.worker import WorkerGroup
+
+    run_dir = RunDir(resume_dir or config.run_dir)
+    start_step, cursor, model_dir, ckpt = 0, 0, None, None
+    if resume_dir is not None:
+        restored = restore(run_dir)
+        if restored is None:
+            raise FileNotFoundError(f"--resume {resume_dir}: no complete checkpoint under {run_dir.checkpoints}")
+        start_step, cursor, ckpt = restored
+        model_dir = ckpt / "model"
+    else:
+        run_dir.create(config)
+        model_dir = initial_model(config, run_dir)
+    if not ray.is_initialized():
+        if config.workers.ray_address:
+            ray.init(address=config.workers.ray_address)
+        else:
+            ray.init(num_cpus=max(2, int(config.workers.num_workers * config.workers.cpus_per_worker)),
+                     include_dashboard=False, log_to_driver=False)
+    group = WorkerGroup(model_dir, config)
+    try:
+        if ckpt is not None:  # weights came with model_dir; the optimizer state comes from here
+            group.to_train()
+            group.load_checkpoint(str(ckpt / "model"))
+            group.to_rollout()
+        return Trainer(config, group, model_dir, run_dir, start_step, cursor).run()
+    finally:
+        group.shutdown()

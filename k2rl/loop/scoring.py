@@ -1,0 +1,45 @@
+"""Rewards and advantages for one step's trajectories (K samples per task, adjacent)."""
+from __future__ import annotations
+
+import torch
+
+from k2rl.algo import batch_normalized, group_centered, group_normalized
+from k2rl.config import AlgorithmConfig, RewardWeights
+from k2rl.rewards.combine import Reward, RewardParts, combine, reward_metrics
+from k2rl.rewards.scorer import Episode, RubricScorer
+from k2rl.rollout.trajectory import Trajectory
+
+
+def judge_episode(t: Trajectory, goal: str) -> Episode:
+    """What the judge sees: the task's goal and the dialog after the tool declarations and system prompt."""
+    return Episode(task=goal, id=f"{t.task_id}#{t.sample}", messages=[m for m in t.messages if m["role"] != "system"])
+
+
+def score(trajectories: list[Trajectory], goals: dict[str, str], samples_per_task: int, weights: RewardWeights,
+          judge: RubricScorer | None) -> tuple[list[Reward], dict[str, float]]:
+    """One reward per trajectory: verifiable end state, milestone process score, rubric score (when a
+    judge is configured; groups of K are compared pairwise if it is), budget penalty."""
+    rubric_scores: list[float | None] = [None] * len(trajectories)
+    judge_metrics: dict[str, float] = {"reward/judge_failures": 0.0}
+    if judge is not None:
+        groups = [[judge_episode(t, goals[t.task_id]) for t in trajectories[i:i + samples_per_task]]
+                  for i in range(0, len(trajectories), samples_per_task)]
+        verdicts = judge.score_groups(groups)
+        rubric_scores = [s.score for group in verdicts.scores for s in group]
+        judge_metrics = verdicts.metrics()
+    rewards = [combine(RewardParts(verifiable=float(t.success), process=t.score, rubric=rubric,
+                                   over_budget=t.stats.end_reason == "budget"), weights)
+               for t, rubric in zip(trajectories, rubric_scores)]
+    metrics = reward_metrics(rewards, int(judge_metrics.pop("reward/judge_failures")))
+    return rewards, {**metrics, **judge_metrics}
+
+
+def advantages(rewards: list[Reward], samples_per_task: int, algo: AlgorithmConfig) -> list[float]:
+    totals = torch.tensor([r.total for r in rewards]).view(-1, samples_per_task)
+    if algo.name == "k2":
+        adv = group_centered(totals)
+    elif algo.name == "grpo":
+        adv = group_normalized(totals)
+    else:
+        adv = batch_normalized(totals.flatten())
+    return adv.flatten().tolist()

@@ -1,0 +1,225 @@
+"""The controller of `k2rl train`: tasks -> rollouts -> rewards -> update -> weight sync, with
+checkpoints, resume, held-out evaluation, metrics and a live progress line.
+
+The driver holds no model: generation, logprobs and updates run on the workers (`WorkerGroup`);
+the driver runs the agent loop (environments are cheap Python) and the judge client.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from k2rl.config import JobConfig
+from k2rl.engines.rollout import SamplingConfig
+from k2rl.env.registry import load_env
+from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
+from k2rl.loop.metrics import MetricsLog
+from k2rl.loop.objective import Objective
+from k2rl.loop.progress import RunProgress
+from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
+from k2rl.loop.scoring import advantages, score
+from k2rl.loop.tasks import TaskStream, held_out_tasks
+from k2rl.model.chat import ChatTokenizer
+from k2rl.rollout import Limits, oracle_trajectory, run_episodes, summarize
+from k2rl.algo import temperature_at
+
+
+class Stop(Exception):
+    """Raised between steps after SIGINT/SIGTERM once the checkpoint is written."""
+
+
+class Trainer:
+    def __init__(self, config: JobConfig, group, model_dir: str | Path, run_dir: RunDir, start_step: int = 0,
+                 cursor: int = 0):
+        self.config, self.group, self.run_dir = config, group, run_dir
+        self.model_dir = Path(model_dir)
+        self.chat = ChatTokenizer(model_dir)
+        self.env_cls = load_env(config.env.name)
+        self.step = start_step
+        self.tasks = TaskStream(self.env_cls, config.env.train_seed, cursor)
+        self.eval_tasks = held_out_tasks(self.env_cls, config.env.eval_tasks, config.env.eval_seed)
+        self.objective = Objective(config.algorithm)
+        self.limits = Limits(max_turns=config.env.max_turns, token_budget=config.env.token_budget,
+                             max_new_tokens=config.algorithm.max_new_tokens, max_context=config.rollout.max_model_len)
+        self.judge = self._make_judge()
+        self.ptx = load_sft_file(config.algorithm.ptx_dataset, self.chat) if config.algorithm.ptx_coef > 0 else []
+        self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
+                                  resume_step=start_step if start_step else None)
+        self.stop_requested = False
+
+    def _make_judge(self):
+        from k2rl.rewards.judge import make_judge
+
+        judge = self.config.rewards.judge
+        return make_judge(judge, engine=self.group, model_dir=self.model_dir) if judge.mode != "off" else None
+
+    def make_env(self):
+        return self.env_cls(tool_timeout_s=self.config.env.tool_timeout_s)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def rollout(self, tasks, samples: int, temperature: float):
+        sampling = SamplingConfig(temperature=temperature, seed=None, stop_token_ids=self.chat.stop_ids)
+        return run_episodes(self.group, self.chat, self.make_env, tasks, sampling=sampling, limits=self.limits,
+                            samples_per_task=samples)
+
+    def rl_step(self) -> dict[str, float]:
+        cfg = self.config
+        algo = cfg.algorithm
+        temperature = temperature_at(self.step, algo.temperature)
+        tasks = self.tasks.next(algo.tasks_per_step)
+        t0 = time.perf_counter()
+        trajectories = self.rollout(tasks, algo.samples_per_task, temperature)
+        t_rollout = time.perf_counter()
+        rewards, reward_metrics = score(trajectories, {t.id: t.goal for t in tasks}, algo.samples_per_task,
+                                        cfg.rewards.weights, self.judge)
+        t_judge = time.perf_counter()
+        batch = trajectory_batch(trajectories, advantages(rewards, algo.samples_per_task, algo))
+        if self.ptx:
+            batch = self._with_ptx(batch)
+        self.group.to_train()
+        batch.token_data["old_logprobs"] = self.group.logprobs(batch)
+        train_stats: dict[str, float] = {}
+        for _ in range(algo.epochs_per_step):
+            train_stats = self.group.train_step(batch, self.objective)
+        self.group.to_rollout()
+        t_end = time.perf_counter()
+        self._save_rollouts(trajectories, rewards)
+        summary = summarize(trajectories)
+        generated = sum(t.stats.generated_tokens for t in trajectories)
+        return {
+            **reward_metrics,
+            "rollout/success": summary["success_rate"], "rollout/process_score": summary["process_score"],
+            "rollout/avg_turns": summary["avg_turns"], "rollout/generated_tokens": summary["avg_generated_tokens"],
+            "rollout/truncated_rate": summary["truncated_rate"], "rollout/tool_call_validity": summary["tool_call_validity"],
+            "rollout/env_failures": summary["env_failures"], "rollout/temperature": temperature,
+            "rollout/length_tokens": sum(len(t.token_ids) for t in trajectories) / len(trajectories),
+            **_prefixed(train_stats), **self._worker_stats(),
+            "time/rollout": t_rollout - t0, "time/judge": t_judge - t_rollout, "time/step": t_end - t0,
+            "perf/tokens_per_s": generated / max(t_rollout - t0, 1e-9),
+        }
+
+    def _worker_stats(self) -> dict[str, float]:
+        """Timings at every engine boundary and the vLLM-trainer logprob gap, as the workers measured them
+        (max over workers); the driver's own `time/rollout` (agent loop included) replaces theirs."""
+        stats = self.group.stats()
+        return {k: float(v) for k, v in stats.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "time/rollout"}
+
+    def sft_step(self, examples) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.group.to_train()
+        stats = self.group.train_step(sft_batch(examples), self.objective)
+        self.group.to_rollout()
+        tokens = sum(sum(mask) for _, mask in examples)
+        elapsed = time.perf_counter() - t0
+        return {**_prefixed(stats), **self._worker_stats(), "time/step": elapsed,
+                "perf/tokens_per_s": tokens / max(elapsed, 1e-9)}
+
+    def _with_ptx(self, batch):
+        """Mix PTX sequences (as many as RL sequences, cycling through the dataset) into the RL batch."""
+        count = len(batch)
+        start = (self.step * count) % len(self.ptx)
+        picked = [self.ptx[(start + i) % len(self.ptx)] for i in range(count)]
+        extra = sft_batch(picked)
+        for key in batch.token_data:
+            extra.token_data[key] = [torch.zeros(len(ids)) for ids in extra.input_ids]
+        extra.seq_data = {"advantages": torch.zeros(count), "ptx": torch.ones(count)}
+        batch.seq_data["ptx"] = torch.zeros(count)
+        from k2rl.engines.train import _concat
+
+        return _concat([batch, extra])
+
+    def oracle_examples(self, count: int):
+        """SFT cold-start data: the scripted oracle's solved training tasks, as (ids, mask)."""
+        out = []
+        while len(out) < count:
+            for task in self.tasks.next(count - len(out)):
+                t = oracle_trajectory(self.make_env(), task, self.chat, self.limits)
+                if t.success:
+                    out.append((t.token_ids, [bool(m) for m in t.loss_mask]))
+        return out
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy success on the held-out tasks."""
+        if not self.eval_tasks:
+            return {}
+        t0 = time.perf_counter()
+        summary = summarize(self.rollout(self.eval_tasks, 1, 0.0))
+        return {"eval/success": summary["success_rate"], "eval/process_score": summary["process_score"],
+                "eval/tool_call_validity": summary["tool_call_validity"], "time/eval": time.perf_counter() - t0}
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def _save_rollouts(self, trajectories, rewards) -> None:
+        keep = self.config.logging.rollouts_per_step
+        records = [{"task_id": t.task_id, "sample": t.sample, "reward": r.total, "components": r.components,
+                    "success": t.success, "messages": t.messages, "stats": t.to_dict()["stats"]}
+                   for t, r in list(zip(trajectories, rewards))[:keep]]
+        self.run_dir.write_rollouts(self.step, records)
+
+    def checkpoint(self) -> Path:
+        tmp = self.run_dir.begin_checkpoint(self.step)
+        self.group.to_train()  # the trainer holds the weights and optimizer state
+        self.group.save_checkpoint(str(tmp / "model"))
+        self.group.to_rollout()
+        save_rng_state(tmp / "rng.pt")
+        return self.run_dir.commit_checkpoint(self.step, tmp, {"step": self.step, "cursor": self.tasks.cursor},
+                                              self.config.schedule.keep_checkpoints)
+
+    def _request_stop(self, signum, _frame) -> None:
+        self.stop_requested = True
+        print(f"\nk2rl: got {signal.Signals(signum).name}; checkpointing after this step", flush=True)
+
+    def run(self) -> Path | None:
+        cfg = self.config.schedule
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        sft_data = None
+        last = None
+        try:
+            with RunProgress(cfg.steps, self.step, self.config.logging.progress) as progress:
+                if self.step == 0 and cfg.eval_every:
+                    progress.phase("eval")
+                    self.metrics.log(0, self.evaluate())
+                while self.step < cfg.steps:
+                    if self.config.algorithm.name == "sft":
+                        progress.phase("sft")
+                        sft_data = self.oracle_examples(self.config.algorithm.tasks_per_step)
+                        metrics = self.sft_step(sft_data)
+                    else:
+                        progress.phase("rl")
+                        metrics = self.rl_step()
+                    self.step += 1
+                    if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                        progress.phase("eval")
+                        metrics.update(self.evaluate())
+                    self.metrics.log(self.step, metrics)
+                    progress.step_done(metrics)
+                    if self.stop_requested or self.step == cfg.steps or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                        progress.phase("ckpt")
+                        last = self.checkpoint()
+                    if self.stop_requested:
+                        raise Stop
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.metrics.close()
+        return last
+
+
+def _prefixed(train_stats: dict[str, float]) -> dict[str, float]:
+    """Trainer stats under train/ unless they already carry a namespace (attn/..., loss/...)."""
+    return {k if "/" in k else f"train/{k}": v for k, v in train_stats.items()}
+
+
+def restore(run_dir: RunDir) -> tuple[int, int, Path] | None:
+    """(step, cursor, checkpoint dir) of the latest complete checkpoint, RNG restored; None if none."""
+    import json
+
+    latest = run_dir.latest()
+    if latest is None:
+        return None
+    state = json.loads((latest / "trainer_state.json").read_text())
+    load_rng_state(latest / "rng.pt")
+    return state["step"], state["cursor"], latest
