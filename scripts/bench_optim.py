@@ -20,7 +20,7 @@ import torch
 from k2rl.optim.batched import orthogonalize_all
 from k2rl.optim.build import muonclip_param_groups
 from k2rl.optim.muonclip import MuonClip
-from k2rl.optim.newton_schulz import _newton_schulz, orthogonalize, use_gram
+from k2rl.optim.newton_schulz import orthogonalize, use_gram
 
 LR, WD = 2e-4, 0.1
 
@@ -131,7 +131,7 @@ def bench(small: bool, iters: int) -> None:
     del torch_muon, mats
 
     g = torch.randn(*(shapes["mlp.shared_experts.gate_proj.weight"]), device=device)
-    ref = _newton_schulz((g / g.norm()).double()[None], 5)
+    ref = orthogonalize(g[None].double(), 5, torch.float64)
     err = {str(dt).removeprefix("torch."): ((orthogonalize(g[None], 5, dt).double() - ref).norm() / ref.norm()).item()
            for dt in (torch.float16, torch.bfloat16)}
 
@@ -145,9 +145,26 @@ def bench(small: bool, iters: int) -> None:
     print("NS5 relative error vs fp64 on one expert matrix: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
 
 
+def profile(small: bool) -> None:
+    """Kernel-level breakdown of one MuonClip step (which matmuls and elementwise passes cost what)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = make_params(layer_shapes(small), device)
+    opt = MuonClip(muonclip_param_groups(params.items()), lr=LR, weight_decay=WD)
+    for _ in range(3):
+        opt.step()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=25, max_name_column_width=40))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="tiny shapes, to check the script on a CPU")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="print a kernel breakdown of one MuonClip step")
     args = parser.parse_args()
-    bench(args.small, args.iters)
+    (profile(args.small) if args.profile else bench(args.small, args.iters))

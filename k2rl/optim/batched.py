@@ -21,26 +21,20 @@ def orthogonalize_all(
 ) -> list[torch.Tensor]:
     """NS of each matrix in `matrices` (each [b, n, m]: b separate matrices); outputs match inputs' shapes.
 
-    Tall matrices are transposed to wide so that a [E, H, I] stack batches with a [2E, I, H] one.
     `group` is the data-parallel group to split the work over (None: this process does all of it).
     """
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, mat in enumerate(matrices):
-        buckets[tuple(sorted(mat.shape[-2:]))].append(i)
+        buckets[tuple(mat.shape[-2:])].append(i)
     out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
     for shape in sorted(buckets):
-        slabs = [_wide(matrices[i]) for i in buckets[shape]]
+        slabs = [matrices[i] for i in buckets[shape]]
         result = _orthogonalize_bucket(slabs, shape, steps, dtype, group)
         offset = 0
         for i, slab in zip(buckets[shape], slabs):
-            piece = result[offset : offset + slab.shape[0]]
-            out[i] = piece.mT if matrices[i].size(-2) > matrices[i].size(-1) else piece
+            out[i] = result[offset : offset + slab.shape[0]]
             offset += slab.shape[0]
     return out
-
-
-def _wide(mat: torch.Tensor) -> torch.Tensor:
-    return mat.mT if mat.size(-2) > mat.size(-1) else mat
 
 
 def _orthogonalize_bucket(slabs, shape, steps, dtype, group) -> torch.Tensor:
