@@ -31,8 +31,10 @@ def add_arguments(parser) -> None:
 
 
 def _read_episodes(path: Path):
+    import pydantic
+
     from k2rl.rewards import Episode
-    from k2rl.validation import ValidationFailed
+    from k2rl.validation import ValidationFailed, describe_errors
 
     episodes, groups = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -41,8 +43,10 @@ def _read_episodes(path: Path):
         try:
             row = json.loads(line)
             episodes.append(Episode.model_validate({k: v for k, v in row.items() if k != "group"}))
-        except ValueError as err:  # JSON and pydantic errors alike
-            raise ValidationFailed(f"{path}:{n}: not an episode: {str(err).splitlines()[0]}") from None
+        except pydantic.ValidationError as err:
+            raise ValidationFailed(describe_errors(err, Episode, f"{path}:{n}")) from None
+        except (ValueError, AttributeError) as err:  # not JSON, or not an object
+            raise ValidationFailed(f"{path}:{n}: not a JSON object: {err}") from None
         groups.append(str(row.get("group", row.get("task"))))
         if episodes[-1].id is None:
             episodes[-1].id = str(n)

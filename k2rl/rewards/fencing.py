@@ -32,11 +32,3 @@ def fence(payload: Any) -> Fenced:
     begin, end = f"<<<DATA {nonce}>>>", f"<<<END DATA {nonce}>>>"
     return Fenced(begin, end, f"{begin}\n{data}\n{end}")
 
-
-def unfence(block: str, begin: str, end: str) -> Any:
-    """The payload back from a block (what the judge reads; used to check the fence holds)."""
-    head, sep, rest = block.partition(begin + "\n")
-    data, sep2, tail = rest.partition("\n" + end)
-    if not (sep and sep2) or end in data or begin in data:
-        raise ValueError("fence markers missing or repeated")
-    return json.loads(data)
