@@ -16,7 +16,8 @@ class EpisodeStats:
     generated_tokens: int = 0
     truncated: bool = False  # the last generation was cut off (budget, context or per-turn limit)
     end_reason: str = ""  # done | max_turns | budget | context | turn_length | env_error | oracle_exhausted
-    env_error: str | None = None  # the environment failed (reset/step/check raised or timed out)
+    env_error: str | None = None  # the env failed (reset/step/check raised or timed out); the trajectory
+    # then ends before the turn whose step failed
     env_time_s: float = 0.0
 
 
