@@ -34,12 +34,15 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from k2rl.config import load_config
+    from k2rl.env import EnvFactory
+    from k2rl.validation import ValidationFailed
 
     config = load_config(args.config, [*_flag_overrides(args), *args.overrides])
     env_cfg = config.env
-    from k2rl.env import EnvFactory
-
-    factory = EnvFactory(env_cfg)
+    try:
+        factory = EnvFactory(env_cfg)
+    except ValueError as err:
+        raise ValidationFailed(f"--env: {err}") from None
     tasks = factory.tasks(args.tasks if args.tasks is not None else env_cfg.eval_tasks,
                           args.seed if args.seed is not None else env_cfg.eval_seed)
     out = Path(args.out or Path(config.run.output_dir) / "eval" /
