@@ -6,8 +6,8 @@ DeepSpeed: use ZeRO stage 0 with fp32 parameters (compute in bf16 through autoca
 - Newton-Schulz needs whole matrices. ZeRO-1/2 hand a client optimizer flat partitions of one
   flattened buffer, so matrix boundaries are gone; ZeRO-3 also partitions the parameters themselves.
   DeepSpeed's own Muon works around that inside ZeRO's gradient path, but scales updates by
-  sqrt(max(1, rows/cols)) instead of K2's 0.2*sqrt(max(n, m)) and flattens stacked experts into one
-  matrix, so it is not K2's update.
+  sqrt(max(1, rows/cols)) instead of K2's 0.2*sqrt(max(n, m)) and sees a fused [E, 2I, H] gate_up
+  as E matrices of 2I rows where K2 orthogonalizes gate and up apart, so it is not K2's update.
 - Under stage 0 DeepSpeed all-reduces gradients and calls `step()` with the real parameters on every
   rank. Each rank updates the momentum (elementwise, cheap), orthogonalizes only its share of the
   matrices and all-gathers the results (`k2rl.optim.batched`), so the NS work is split across ranks
