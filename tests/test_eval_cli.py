@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from k2rl.cli import main
 
@@ -55,3 +62,35 @@ def test_eval_oracle_by_file_path(tiny_model_dir, tmp_path, capsys):
 def test_eval_reports_bad_env_name(capsys):
     assert main(["eval", "--env", "nope", "--oracle", "--tokenizer", "x"]) == 2
     assert "unknown environment 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_against_an_openai_compatible_server(tiny_model_dir, tmp_path):
+    """vLLM's OpenAI server on k2-tiny: ids and logprobs come back exactly over HTTP."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
+         "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes",
+         str(256 << 20), "--attention-backend", "CPU_MLA", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/models", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "vLLM server did not come up"
+                time.sleep(2)
+        out = tmp_path / "endpoint.jsonl"
+        assert main(["eval", "--env", "shop", "--model", url, "--tasks", "2", "--max-new-tokens", "16",
+                     "--set", "env.max_turns=2", "--out", str(out), "--quiet"]) == 0
+        for e in _episodes(out):
+            generated = [lp for lp, m in zip(e["logprobs"], e["loss_mask"]) if m]
+            assert len(generated) == e["stats"]["generated_tokens"] > 0 and all(lp < 0 for lp in generated)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

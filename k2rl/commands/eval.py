@@ -92,7 +92,8 @@ def _rollout(args, config, factory, tasks):
                     done(trajectories[-1])
             return trajectories
         policy, chat = _policy(args, config)
-        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=config.run.seed)
+        # no per-request seed: it would make every sample of a task the same (the engine is seeded instead)
+        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
         return run_episodes(policy, chat, factory, tasks, sampling=sampling, limits=limits,
                             samples_per_task=args.samples, on_done=done)
 

@@ -25,7 +25,8 @@ def run_episodes(policy: Policy, chat: ChatTokenizer, make_env: Callable[[], Env
                  workers: int = 16, on_done: Callable[[Trajectory], None] | None = None) -> list[Trajectory]:
     """Roll out `samples_per_task` episodes per task; trajectories come back in task order, samples
     of one task next to each other. `make_env()` builds a fresh environment per episode.
-    `sampling.max_tokens` is replaced by each episode's room; its stop ids default to the chat's."""
+    `sampling.max_tokens` is replaced by each episode's room; its stop ids default to the chat's.
+    `sampling.seed` applies to every request alike: leave it None when sampling several per task."""
     episodes = [Episode(make_env(), task, chat, limits, sample=k) for task in tasks for k in range(samples_per_task)]
     sampling = replace(sampling, n=1, stop_token_ids=list(sampling.stop_token_ids) or chat.stop_ids)
     pool = ThreadPoolExecutor(max_workers=max(1, min(workers, len(episodes))), thread_name_prefix="k2rl-env")
