@@ -51,7 +51,7 @@ def device_storages(engine) -> list[torch.UntypedStorage]:
     for root in roots:
         for t in _tensors(root):
             storage = t.untyped_storage()
-            if t.device.type != "cpu" and storage.nbytes() > 0:
+            if t.is_cuda and storage.nbytes() > 0:  # not host, not meta placeholders
                 seen.setdefault(storage.data_ptr(), storage)
     return list(seen.values())
 

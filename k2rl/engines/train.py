@@ -12,7 +12,7 @@ An RL loss is a function of the new policy's logprobs and the batch:
         # new_logprobs[i]: [len(batch.input_ids[i])], differentiable, aligned as above
         ...return loss (the mean over this micro-batch's loss tokens), stats
 
-`train_step` splits the batch into micro-batches of at most `train.micro_batch_tokens` padded tokens,
+`loss_fn` gets the micro-batch on the trainer's device. `train_step` splits the batch into micro-batches of at most `train.micro_batch_tokens` padded tokens,
 calls `loss_fn` on each, weights each micro-batch by its share of the batch's loss tokens (so the
 gradient is the one of the token mean over the whole batch), accumulates, clips, steps the optimizer
 (then QK-Clip with MuonClip) and returns stats averaged over data-parallel ranks.
@@ -65,6 +65,11 @@ class TokenBatch:
         """Sequences index, index+count, ... : an even split across data-parallel ranks."""
         return self.select(list(range(index, len(self), count)))
 
+    def to(self, device) -> TokenBatch:
+        return TokenBatch([t.to(device) for t in self.input_ids], [t.to(device) for t in self.loss_mask],
+                          {k: [t.to(device) for t in v] for k, v in self.token_data.items()},
+                          {k: v.to(device) for k, v in self.seq_data.items()})
+
     def num_loss_tokens(self) -> int:
         return int(sum(m.sum() for m in self.loss_mask))
 
@@ -115,7 +120,8 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> torch.optim.Optim
 class TrainEngine:
     """DeepSpeed over the trainer model; one data-parallel rank (rank/world from torch.distributed env)."""
 
-    def __init__(self, model_dir, job_cfg: JobConfig):
+    def __init__(self, model_dir, job_cfg: JobConfig, model: torch.nn.Module | None = None):
+        """`model`: an already-built trainer model for `model_dir` (benchmarks build one on the GPU)."""
         import deepspeed
 
         self.model_dir = Path(model_dir)
@@ -125,7 +131,8 @@ class TrainEngine:
             deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        model = load_model(model_dir, torch.bfloat16 if self.on_gpu else torch.float32)
+        if model is None:
+            model = load_model(model_dir, torch.bfloat16 if self.on_gpu else torch.float32)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = build_optimizer(model, job_cfg)
@@ -152,7 +159,7 @@ class TrainEngine:
     def _aligned_micro_batches(self, batch: TokenBatch) -> list[tuple[TokenBatch, bool]]:
         """This rank's micro-batches, padded with weight-zero repeats to the largest count of any rank."""
         mbs = batch.micro_batches(self.job.train.micro_batch_tokens) if len(batch) else []
-        count = torch.tensor([len(mbs)])
+        count = torch.tensor([len(mbs)], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         filler = mbs[0].select([0]) if mbs else TokenBatch.from_lists([[0, 0]])
         return [(mb, True) for mb in mbs] + [(filler, False)] * (int(count) - len(mbs))
@@ -182,6 +189,7 @@ class TrainEngine:
         sums: dict[str, float] = {}
         for i, (mb, real) in enumerate(mbs):
             weight = mb.num_loss_tokens() / total if real else 0.0
+            mb = mb.to(self.device)
             loss, stats = loss_fn(self._forward_logprobs(mb), mb)
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
             self.engine.backward(loss * weight, scale_wrt_gas=False)
@@ -208,9 +216,9 @@ class TrainEngine:
 
     def _reduce_mean(self, sums: dict[str, float]) -> dict[str, float]:
         keys = sorted(sums)
-        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
-        return {k: float(v) / self.world for k, v in zip(keys, values)}
+        return {k: float(v) / self.world for k, v in zip(keys, values.tolist())}
 
     # ---- weights out -----------------------------------------------------------------------------
     def export_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
