@@ -121,3 +121,18 @@ def test_failing_environments_fail_only_their_episode(engine, chat):
     assert "check raised ZeroDivisionError: bad checker" in by_id["check"].result.error
     assert by_id["healthy"].result.error is None and by_id["healthy"].stats.end_reason == "done"
     assert all(not t.success for t in trajectories if t.task_id != "healthy")
+
+
+def test_llm_user_speaks_through_the_policy_engine(engine, chat):
+    """The LLM-simulated user on a real engine (here the policy itself, via the self-critique backend)."""
+    from k2rl.env import LLMUser
+    from k2rl.rewards.self_critique import SelfCritiqueBackend
+
+    backend = SelfCritiqueBackend(engine, chat)
+    shop = load_env("shop")
+    sampling = SamplingConfig(temperature=1.0, seed=0, stop_token_ids=list(range(chat.vocab_size)))
+    [t] = run_episodes(engine, chat, lambda: shop(user=LLMUser(backend, max_tokens=8)), shop.tasks(1, seed=2),
+                       sampling=sampling, limits=Limits(max_turns=3))
+    replies = [m for m in t.messages[2:] if m["role"] == "user"]
+    assert t.stats.turns == 3 and len(replies) == 3 and all(r["content"] for r in replies)
+    assert backend.stats.requests == 3

@@ -33,11 +33,18 @@ def run_episodes(policy: Policy, chat: ChatTokenizer, make_env: Callable[[], Env
     results: dict[int, Trajectory] = {}
 
     def settle(batch: list[tuple[int, Episode]]) -> None:
-        for i, episode in batch:
-            if episode.finished and i not in results:
-                results[i] = episode.trajectory(_bounded(pool, episode.check, limits.step_timeout_s, episode))
-                if on_done:
-                    on_done(results[i])
+        """Check newly finished episodes (concurrently, each within the step time limit)."""
+        finished = [(i, e, pool.submit(e.check)) for i, e in batch if e.finished and i not in results]
+        deadline = time.monotonic() + limits.step_timeout_s
+        for i, episode, future in finished:
+            try:
+                result = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                episode.stats.env_error = f"check exceeded {limits.step_timeout_s:g}s"
+                result = CheckResult.failed(episode.stats.env_error)
+            results[i] = episode.trajectory(result)
+            if on_done:
+                on_done(results[i])
 
     try:
         indexed = list(enumerate(episodes))
@@ -76,10 +83,3 @@ def _concurrently(pool, fns, timeout_s, episodes, what) -> None:
         except FutureTimeout:
             episode.fail(f"{what} exceeded {timeout_s:g}s")
 
-
-def _bounded(pool, fn, timeout_s, episode) -> CheckResult:
-    try:
-        return pool.submit(fn).result(timeout=timeout_s)
-    except FutureTimeout:
-        episode.stats.env_error = f"check exceeded {timeout_s:g}s"
-        return CheckResult.failed(episode.stats.env_error)
