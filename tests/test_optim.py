@@ -83,6 +83,16 @@ def test_adamw_part_matches_torch_adamw():
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_refuses_flat_partitions_as_zero_1_hands_them():
+    p = torch.nn.Parameter(torch.randn(8, 16))
+    opt = MuonClip([dict(params=[p], use_muon=True, matrix_rows=[8])], lr=LR)
+    flat = torch.nn.Parameter(p.detach().flatten()[:64])  # what ZeRO-1 puts in the group: a flat partition
+    flat.grad = torch.randn(64)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(RuntimeError, match="ZeRO stage 0"):
+        opt.step()
+
+
 def test_param_split_on_k2_tiny(tiny_model_dir):
     model = load_model(tiny_model_dir, torch.float32)
     names = {id(p): n for n, p in model.named_parameters()}

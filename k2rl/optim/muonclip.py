@@ -76,6 +76,9 @@ class MuonClip(torch.optim.Optimizer):
         if not live:
             return
         params = [p for p, _ in live]
+        if any(p.ndim < 2 or p.shape[-2] % rows for p, rows in live):
+            raise RuntimeError("MuonClip got flattened parameters (DeepSpeed ZeRO-1/2/3 partitions): Newton-Schulz "
+                               "needs whole matrices, so run it under ZeRO stage 0 with fp32 parameters")
         grads = [p.grad for p in params]
         bufs = [self._state_tensor(p, "momentum_buffer") for p in params]
         mu, lr = group["momentum"], group["lr"]
