@@ -67,7 +67,8 @@ When your goal is met, or the assistant cannot help, reply with exactly {stop}."
 
 class LLMUser:
     """A persona-driven user played by an LLM (`k2rl.llm` backend: retries, cache, failure counting).
-    A failed call ends the dialog instead of stalling the episode."""
+    A failed call ends the dialog instead of stalling the episode. Environments step in parallel
+    threads, so the backend must be thread-safe: `LLMClient` is; an in-process engine is not."""
 
     def __init__(self, backend: ChatBackend, max_tokens: int = 128, temperature: float = 0.0):
         self.backend, self.max_tokens, self.temperature = backend, max_tokens, temperature
