@@ -123,19 +123,7 @@ class Worker:
         self.phase = Phase.ROLLOUT
 
     def sync_weights(self) -> None:
-        """Stream the trainer's weights into vLLM: buckets from the trainer, one in-place reload in vLLM."""
-        moved = 0
-
-        def stream():
-            nonlocal moved
-            for bucket in self.train.export_weights(self.job.rollout.weight_bucket_bytes):
-                for name, tensor in bucket:
-                    moved += tensor.numel() * tensor.element_size()
-                    yield name, tensor
-
-        start = time.perf_counter()
-        self.rollout.load_weights(stream())
-        seconds = time.perf_counter() - start
+        moved, seconds = sync_weights(self.train, self.rollout, self.job.rollout.weight_bucket_bytes)
         self.timings["time/sync"] = self.timings.get("time/sync", 0.0) + seconds
         self.metrics.update({"sync/bytes": moved, "sync/gb_per_s": moved / seconds / 1e9})
 
@@ -188,6 +176,23 @@ class Worker:
                 worker.timings[key] = worker.timings.get(key, 0.0) + time.perf_counter() - self.start
 
         return Timer()
+
+
+def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) -> tuple[int, float]:
+    """Stream the trainer's weights into vLLM (buckets from the trainer, one in-place reload in vLLM,
+    no copy in between); returns (bytes moved, seconds)."""
+    moved = 0
+
+    def stream():
+        nonlocal moved
+        for bucket in train.export_weights(bucket_bytes):
+            for name, tensor in bucket:
+                moved += tensor.numel() * tensor.element_size()
+                yield name, tensor
+
+    start = time.perf_counter()
+    rollout.load_weights(stream())
+    return moved, time.perf_counter() - start
 
 
 class WorkerGroup:
