@@ -48,7 +48,7 @@ class RolloutEngineConfig(Section):
 class TrainEngineConfig(Section):
     """DeepSpeed engine settings."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 1
+    zero_stage: Literal[0, 1, 2, 3] = 0  # MuonClip needs 0; AdamW runs under any stage
     micro_batch_tokens: int = Field(4096, gt=0)
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
@@ -100,7 +100,6 @@ class AlgorithmConfig(Section):
     clip_eps: float = Field(0.2, gt=0)
     aggregation: Literal["token", "sequence"] = "token"
     kl_coef: float = Field(0.0, ge=0)
-    budget_penalty: float = Field(0.5, ge=0)
     ptx_coef: float = Field(0.0, ge=0)
     ptx_dataset: str | None = None
     truncated_is_cap: float | None = Field(None, gt=0)
@@ -208,6 +207,14 @@ class JobConfig(Section):
     rewards: RewardsConfig = RewardsConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _muonclip_needs_whole_matrices(self):
+        if self.optimizer.name == "muonclip" and self.train.zero_stage != 0:
+            raise ValueError(f"optimizer.name 'muonclip' needs train.zero_stage 0 (got {self.train.zero_stage}): "
+                             "Newton-Schulz needs whole matrices, which ZeRO 1-3 split (see k2rl.optim); "
+                             "use zero_stage 0, or optimizer.name 'adamw' with ZeRO 1-3")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -54,15 +54,25 @@ def _fields_at(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:
     """Field names of the (sub)model that owns `loc`'s last key, for 'did you mean'."""
     current: Any = model
     for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list field: `current` is already the item's model
+            continue
         fields = getattr(current, "model_fields", None)
-        if fields is None or not isinstance(part, str) or part not in fields:
+        if fields is None or part not in fields:
             return []
-        annotation = fields[part].annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, pydantic.BaseModel)), None)
+        current = _submodel(fields[part].annotation)
         if current is None:
             return []
     return list(getattr(current, "model_fields", {}))
+
+
+def _submodel(annotation: Any) -> type[pydantic.BaseModel] | None:
+    """The pydantic model inside an annotation such as `Sub`, `Sub | None` or `list[Sub]`."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if found := _submodel(arg):
+            return found
+    return None
 
 
 def describe_errors(err: pydantic.ValidationError, model: type[pydantic.BaseModel], source: str,
@@ -91,7 +101,8 @@ def describe_errors(err: pydantic.ValidationError, model: type[pydantic.BaseMode
         elif e["type"] == "missing":
             out.append(f"{where}: {key}: required field is missing")
         else:
-            out.append(f"{where}: {key}: {e['msg']} (got {e.get('input')!r})")
+            given = f" (got {e.get('input')!r})" if loc and not isinstance(e.get("input"), dict) else ""
+            out.append(f"{where}: {key}: {e['msg']}{given}")
     return "\n".join(out)
 
 

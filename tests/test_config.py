@@ -55,3 +55,9 @@ def test_bad_override_is_named():
 def test_every_section_forbids_unknown_keys():
     with pytest.raises(ValidationFailed, match="unknown key"):
         load_config(None, ["rewards.weights.rubrik=1"])
+
+
+def test_muonclip_requires_zero_stage_0():
+    with pytest.raises(ValidationFailed, match="muonclip' needs train.zero_stage 0"):
+        load_config(None, ["train.zero_stage=1"])
+    assert load_config(None, ["train.zero_stage=3", "optimizer.name=adamw"]).train.zero_stage == 3
