@@ -177,8 +177,7 @@ def balance(rng, state):
 
 
 def overdraft(rng, state):
-    sav, chk = _acct(state, "savings"), _acct(state, "checking")
-    have = state["accounts"][sav]["balance"]
+    have = state["accounts"][_acct(state, "savings")]["balance"]
     return dict(goal=f"Transfer ${have + rng.randint(1, 5000)} from my savings to my checking account.",
                 **refuse(f"your savings balance is only ${have}, so I can't make that transfer.",
                          calls(call("accounts"))))

@@ -77,7 +77,7 @@ class Episode:
             return parsed, None
         return parsed, self._timed(self.env.step, parsed)
 
-    def apply(self, gen: Generation, parsed: ParsedTurn, step: StepResult | None, room: int) -> None:
+    def apply(self, gen: Generation, parsed: ParsedTurn, step: StepResult | None) -> None:
         """Append the generated ids and, if the episode goes on, the observation ids."""
         self._append(gen.token_ids, mask=1, logprobs=gen.logprobs)
         self.stats.turns += 1
@@ -88,7 +88,7 @@ class Episode:
         self.messages.append(message)
         if step is None:  # cut off mid-turn
             self.stats.truncated = True
-            self.end(self._cut_reason(room))
+            self.end(self._cut_reason(len(gen.token_ids)))
             return
         self.stats.tool_calls += step.tool_calls
         self.stats.valid_calls += step.valid_calls
@@ -103,13 +103,12 @@ class Episode:
 
     def advance(self, gen: Generation) -> None:
         """react + apply in this thread (the oracle's path; the loop splits them across threads)."""
-        room = self.room()
         try:
             parsed, step = self.react(gen)
         except Exception as err:  # noqa: BLE001
             self.fail(f"step raised {describe_error(err)}")
             return
-        self.apply(gen, parsed, step, room)
+        self.apply(gen, parsed, step)
 
     def end(self, reason: str) -> None:
         self.stats.end_reason = self.stats.end_reason or reason
@@ -149,12 +148,11 @@ class Episode:
             return "budget"
         return "context" if self.limits.max_context - len(self.token_ids) <= 0 else "turn_length"
 
-    def _cut_reason(self, room: int) -> str:
-        if room >= self.budget - (self.stats.generated_tokens - room):
+    def _cut_reason(self, cut: int) -> str:
+        """Which limit stopped a generation of `cut` tokens (already appended)."""
+        if cut >= self.budget - (self.stats.generated_tokens - cut):
             return "budget"
-        if room >= self.limits.max_context - (len(self.token_ids) - room):
-            return "context"
-        return "turn_length"
+        return "context" if cut >= self.limits.max_context - (len(self.token_ids) - cut) else "turn_length"
 
     def _append(self, ids: list[int], mask: int, logprobs: list[float] | None = None) -> None:
         self.token_ids += ids

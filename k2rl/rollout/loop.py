@@ -48,17 +48,14 @@ def run_episodes(policy: Policy, chat: ChatTokenizer, make_env: Callable[[], Env
 
     try:
         indexed = list(enumerate(episodes))
-        _concurrently(pool, [e.start for _, e in indexed], limits.step_timeout_s, [e for _, e in indexed], "reset")
-        for _, episode in indexed:
-            if not episode.finished and episode.room() == 0:
-                episode.end("context")
+        _start_all(pool, episodes, limits.step_timeout_s)
         settle(indexed)
         while active := [(i, e) for i, e in indexed if not e.finished]:
-            rooms = [e.room() for _, e in active]
-            gens = policy.generate([e.token_ids for _, e in active], replace(sampling, max_tokens=rooms))
+            gens = policy.generate([e.token_ids for _, e in active],
+                                   replace(sampling, max_tokens=[e.room() for _, e in active]))
             futures = [pool.submit(e.react, g[0]) for (_, e), g in zip(active, gens)]
             deadline = time.monotonic() + limits.step_timeout_s
-            for (_, episode), gen, future, room in zip(active, gens, futures, rooms):
+            for (_, episode), gen, future in zip(active, gens, futures):
                 try:
                     parsed, step = future.result(timeout=max(0.0, deadline - time.monotonic()))
                 except FutureTimeout:
@@ -67,19 +64,19 @@ def run_episodes(policy: Policy, chat: ChatTokenizer, make_env: Callable[[], Env
                 except Exception as err:  # noqa: BLE001 - a broken env fails its episode, not the run
                     episode.fail(f"step raised {describe_error(err)}")
                     continue
-                episode.apply(gen[0], parsed, step, room)
+                episode.apply(gen[0], parsed, step)
             settle(active)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     return [results[i] for i in range(len(episodes))]
 
 
-def _concurrently(pool, fns, timeout_s, episodes, what) -> None:
-    futures = [pool.submit(fn) for fn in fns]
+def _start_all(pool: ThreadPoolExecutor, episodes: list[Episode], timeout_s: float) -> None:
+    """Reset every environment concurrently; one that hangs fails its episode."""
+    futures = [pool.submit(e.start) for e in episodes]
     deadline = time.monotonic() + timeout_s
     for future, episode in zip(futures, episodes):
         try:
             future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:
-            episode.fail(f"{what} exceeded {timeout_s:g}s")
-
+            episode.fail(f"reset exceeded {timeout_s:g}s")
