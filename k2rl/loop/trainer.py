@@ -14,7 +14,7 @@ import torch
 
 from k2rl.config import JobConfig
 from k2rl.engines.rollout import SamplingConfig
-from k2rl.env.registry import load_env
+from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
 from k2rl.loop.metrics import MetricsLog
 from k2rl.loop.objective import Objective
@@ -37,13 +37,12 @@ class Trainer:
         self.config, self.group, self.run_dir = config, group, run_dir
         self.model_dir = Path(model_dir)
         self.chat = ChatTokenizer(model_dir)
-        self.env_cls = load_env(config.env.name)
+        self.make_env = EnvFactory(config.env)
         self.step = start_step
-        self.tasks = TaskStream(self.env_cls, config.env.train_seed, cursor)
-        self.eval_tasks = held_out_tasks(self.env_cls, config.env.eval_tasks, config.env.eval_seed)
+        self.tasks = TaskStream(self.make_env, config.env.train_seed, cursor)
+        self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
         self.objective = Objective(config.algorithm)
-        self.limits = Limits(max_turns=config.env.max_turns, token_budget=config.env.token_budget,
-                             max_new_tokens=config.algorithm.max_new_tokens, max_context=config.rollout.max_model_len)
+        self.limits = Limits.from_config(config.env, config.algorithm.max_new_tokens, config.rollout.max_model_len)
         self.judge = self._make_judge()
         self.ptx = load_sft_file(config.algorithm.ptx_dataset, self.chat) if config.algorithm.ptx_coef > 0 else []
         self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
@@ -55,9 +54,6 @@ class Trainer:
 
         judge = self.config.rewards.judge
         return make_judge(judge, engine=self.group, model_dir=self.model_dir) if judge.mode != "off" else None
-
-    def make_env(self):
-        return self.env_cls(tool_timeout_s=self.config.env.tool_timeout_s)
 
     # ---- one step ----------------------------------------------------------------------------------
     def rollout(self, tasks, samples: int, temperature: float):
