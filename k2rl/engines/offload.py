@@ -57,34 +57,40 @@ def device_storages(engine) -> list[torch.UntypedStorage]:
 
 
 class PinnedOffloader:
-    """Offload/reload every device storage of a DeepSpeed engine through persistent pinned buffers."""
+    """Offload/reload every device storage of a DeepSpeed engine through persistent pinned buffers.
+
+    Buffers are pooled by size, so they survive storages appearing or vanishing between calls (the
+    optimizer state first exists after the first step): only new sizes are pinned, once.
+    """
 
     def __init__(self, engine):
         self.engine = engine
-        self.storages: list[torch.UntypedStorage] = []
-        self.host: dict[int, torch.Tensor] = {}  # storage index -> pinned uint8 buffer, kept across steps
-        self.sizes: list[int] = []
+        self.pool: dict[int, list[torch.Tensor]] = {}  # free pinned uint8 buffers by size
+        self.moved: list[tuple[torch.UntypedStorage, torch.Tensor]] = []  # (emptied storage, its bytes)
 
     def offload(self) -> int:
         """Returns the bytes moved to the host."""
-        self.storages = device_storages(self.engine)
-        self.sizes = [s.nbytes() for s in self.storages]
-        for i, (storage, size) in enumerate(zip(self.storages, self.sizes)):
-            buf = self.host.get(i)
-            if buf is None or buf.numel() != size:
-                buf = self.host[i] = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+        self.moved = []
+        for storage in device_storages(self.engine):
+            size = storage.nbytes()
+            free = self.pool.get(size)
+            buf = free.pop() if free else torch.empty(size, dtype=torch.uint8, pin_memory=True)
             buf.copy_(_bytes(storage), non_blocking=True)
+            self.moved.append((storage, buf))
         torch.cuda.current_stream().synchronize()
-        for storage in self.storages:
+        for storage, _ in self.moved:
             storage.resize_(0)
-        return sum(self.sizes)
+        return sum(buf.numel() for _, buf in self.moved)
 
     def reload(self) -> int:
-        for i, (storage, size) in enumerate(zip(self.storages, self.sizes)):
-            storage.resize_(size)
-            _bytes(storage).copy_(self.host[i], non_blocking=True)
+        for storage, buf in self.moved:
+            storage.resize_(buf.numel())
+            _bytes(storage).copy_(buf, non_blocking=True)
         torch.cuda.current_stream().synchronize()
-        return sum(self.sizes)
+        for _, buf in self.moved:
+            self.pool.setdefault(buf.numel(), []).append(buf)
+        moved, self.moved = sum(buf.numel() for _, buf in self.moved), []
+        return moved
 
 
 def _bytes(storage: torch.UntypedStorage) -> torch.Tensor:
