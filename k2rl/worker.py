@@ -17,6 +17,7 @@ the worker and its phase, as soon as Ray reports the death. The driver never hol
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import os
@@ -228,11 +229,9 @@ class WorkerGroup:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Prompts split into contiguous chunks, one per worker; results in prompt order."""
         chunks = _chunks(len(prompts), self.num_workers)
-        budgets = sampling.max_tokens
-        per_worker = []
-        for lo, hi in chunks:
-            part = SamplingConfig(**{**sampling.__dict__, "max_tokens": budgets[lo:hi] if isinstance(budgets, list) else budgets})
-            per_worker.append((prompts[lo:hi], part))
+        budgets, seeds = zip(*sampling.per_prompt(len(prompts))) if prompts else ((), ())
+        per_worker = [(prompts[lo:hi], dataclasses.replace(sampling, max_tokens=list(budgets[lo:hi]), seed=list(seeds[lo:hi])))
+                      for lo, hi in chunks]
         results = self._call_each("generate", per_worker, skip_empty=[hi == lo for lo, hi in chunks])
         return [g for part in results for g in part]
 

@@ -39,6 +39,8 @@ def test_generate_shapes_budgets_and_seed(engine):
             assert all(lp <= 0 for lp in g.logprobs)
             assert g.finish_reason == "length" or g.token_ids[-1] in (1,)
     assert out == engine.generate(PROMPTS, sampling)  # same seed, same samples
+    twice = engine.generate([PROMPTS[0]] * 2, SamplingConfig(max_tokens=8, seed=11))
+    assert twice[0][0].token_ids != twice[1][0].token_ids  # a repeated prompt is sampled anew
 
 
 def test_stop_token_is_last_id(engine):

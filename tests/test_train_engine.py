@@ -84,3 +84,11 @@ def test_offloaded_engine_refuses_work(engine):
         engine.logprobs(TokenBatch.from_lists(SEQS))
     engine.reload()
     assert len(engine.logprobs(TokenBatch.from_lists(SEQS))) == 3
+
+
+def test_muonclip_under_zero0_clips_heads(engine, tiny_model_dir):
+    """The default optimizer (k2rl.optim's MuonClip, ZeRO 0): a step reports grad norm and QK-Clip."""
+    job = JobConfig(optimizer={"name": "muonclip", "lr": 1e-2, "qk_clip_tau": 0.05}, train={"zero_stage": 0})
+    muon = TrainEngine(tiny_model_dir, job)  # joins the world the `engine` fixture set up
+    stats = muon.train_step(TokenBatch.from_lists(SEQS), nll_loss)
+    assert stats["grad_norm"] > 0 and stats["attn/clipped_heads"] > 0 and 0 < stats["attn/max_logit"]

@@ -37,7 +37,17 @@ class SamplingConfig:
     max_tokens: int | list[int] = 256  # a list gives one budget per prompt
     stop_token_ids: list[int] = field(default_factory=list)
     n: int = 1
-    seed: int | None = None
+    seed: int | list[int] | None = None  # per prompt: a list, or an int s giving prompt i the seed s + i
+    json_schema: dict | None = None  # constrain the output to this JSON Schema (vLLM structured outputs)
+
+    def per_prompt(self, count: int) -> list[tuple[int, int | None]]:
+        """(max_tokens, seed) for each of `count` prompts; list-valued fields must have one entry per prompt."""
+        budgets = self.max_tokens if isinstance(self.max_tokens, list) else [self.max_tokens] * count
+        seeds = (self.seed if isinstance(self.seed, list) else [None] * count if self.seed is None
+                 else [self.seed + i for i in range(count)])  # repeats of a prompt still sample anew
+        if len(budgets) != count or len(seeds) != count:
+            raise ValueError(f"{len(budgets)} max_tokens and {len(seeds)} seeds for {count} prompts")
+        return list(zip(budgets, seeds))
 
 
 @dataclass
@@ -80,14 +90,14 @@ class RolloutEngine:
         """Per prompt, `sampling.n` generations (outer list in prompt order)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         self._require_awake("generate", TAGS)
-        budgets = sampling.max_tokens if isinstance(sampling.max_tokens, list) else [sampling.max_tokens] * len(prompts)
-        if len(budgets) != len(prompts):
-            raise ValueError(f"max_tokens has {len(budgets)} budgets for {len(prompts)} prompts")
+        structured = StructuredOutputsParams(json=sampling.json_schema, disable_any_whitespace=True) if sampling.json_schema else None
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=budget, stop_token_ids=list(sampling.stop_token_ids), seed=sampling.seed,
-                                 logprobs=0, detokenize=False) for budget in budgets]
+                                 max_tokens=budget, stop_token_ids=list(sampling.stop_token_ids), seed=seed,
+                                 logprobs=0, detokenize=False, structured_outputs=structured)
+                  for budget, seed in sampling.per_prompt(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [[_generation(c) for c in out.outputs] for out in outputs]
 

@@ -187,20 +187,26 @@ class TrainEngine:
         reset_max_logits(self.model)
         mbs = self._aligned_micro_batches(batch)
         sums: dict[str, float] = {}
+        grad_norm = None
         for i, (mb, real) in enumerate(mbs):
             weight = mb.num_loss_tokens() / total if real else 0.0
             mb = mb.to(self.device)
             loss, stats = loss_fn(self._forward_logprobs(mb), mb)
-            self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            last = i == len(mbs) - 1
+            self.engine.set_gradient_accumulation_boundary(last)
             self.engine.backward(loss * weight, scale_wrt_gas=False)
+            if last and self.job.train.zero_stage == 0:  # DeepSpeed reports no norm without ZeRO
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             self.engine.step()
             for k, v in {"loss": float(loss.detach()), **stats}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * weight
-        return {**self._reduce_mean(sums), **self._after_step()}
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm() or 0.0
+        return {**self._reduce_mean(sums), "grad_norm": float(grad_norm), **self._after_step()}
 
     def _after_step(self) -> dict[str, float]:
-        """Grad norm, lr, max attention logit (max over ranks) and QK-Clip, after the optimizer step."""
-        stats = {"grad_norm": float(self.engine.get_global_grad_norm() or 0.0), "lr": self.scheduler.get_last_lr()[0]}
+        """lr, max attention logit (max over ranks) and QK-Clip, after the optimizer step."""
+        stats = {"lr": self.scheduler.get_last_lr()[0]}
         head_max = head_max_logits(self.model)
         if head_max is not None:
             head_max = head_max.detach().clone()
