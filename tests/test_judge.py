@@ -96,8 +96,8 @@ def test_judge_command(vllm_server, tmp_path):
 
 
 def test_self_critique_through_the_rollout_engine(tiny_model_dir):
-    """The policy judges itself: no grammar on this path, so a random policy's verdicts fail to parse,
-    are resampled, then fall back to the default score, all counted; the step goes on."""
+    """The policy judges itself through its own engine, its verdict held to the schema by vLLM's
+    structured outputs: even a random policy's verdicts parse, and scores stay in bounds."""
     from k2rl.engines.rollout import RolloutEngine
 
     engine = RolloutEngine(tiny_model_dir, max_model_len=4096)
@@ -105,9 +105,10 @@ def test_self_critique_through_the_rollout_engine(tiny_model_dir):
     scorer = make_judge(config, engine=engine, model_dir=tiny_model_dir)
     batch = scorer.score_groups([episodes(2)])
     stats = scorer.backend.stats.snapshot()
-    assert batch.calls == 2 and stats["attempts"] == 4 and stats["retries"] == 2
-    assert batch.failures == stats["failures"] == 2 and stats["invalid"] == 4  # every attempt unparseable
-    assert [s.score for s in batch.scores[0]] == [0.5, 0.5]
+    assert batch.calls == 2 and stats["attempts"] >= 2 and batch.failures == stats["failures"]
+    assert batch.failures == 0, stats
+    for score in batch.scores[0]:
+        assert not score.failed and 0.0 <= score.score <= 1.0 and set(score.criteria) == {c.id for c in scorer.rubric.criteria}
 
 
 def _model_dir(base_url: str) -> str:

@@ -67,8 +67,11 @@ class RolloutEngine:
 
         self.on_gpu = torch.cuda.is_available()
         self.sleep_level = sleep_level
+        # Compact JSON under a schema: without it a weak policy (self-critique) spends its whole
+        # budget on whitespace between keys. xgrammar is the backend that honours the switch.
         kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size)
+                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+                      structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
         if self.on_gpu:
             kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
             if kv_cache_memory_bytes is not None:
@@ -93,7 +96,7 @@ class RolloutEngine:
         from vllm.sampling_params import StructuredOutputsParams
 
         self._require_awake("generate", TAGS)
-        structured = StructuredOutputsParams(json=sampling.json_schema, disable_any_whitespace=True) if sampling.json_schema else None
+        structured = StructuredOutputsParams(json=sampling.json_schema) if sampling.json_schema else None
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=budget, stop_token_ids=list(sampling.stop_token_ids), seed=seed,
                                  logprobs=0, detokenize=False, structured_outputs=structured)

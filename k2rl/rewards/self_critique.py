@@ -1,11 +1,11 @@
 """Self-critique (K2): the colocated policy is the judge. The judge conversation is rendered with the
 policy's own chat template and generated through its RolloutEngine, with no HTTP in between.
 
-No grammar constrains this path (the engine's `generate` takes plain sampling settings), so output is
-read with the same lenient parse and repair as the HTTP path; what still fails to fit the schema is
-resampled with a new seed (at temperature >= 0.7, since greedy
-would repeat itself) up to `retries` times, then returned as a failure (the scorer's default).
-Nothing is cached: the policy, hence its verdicts, changes every step.
+The verdict's JSON Schema goes to the engine as a structured-output constraint (vLLM grammar), so
+even a weak policy writes a verdict of the right shape; it is still read with the same lenient parse
+and repair as the HTTP path, and what fails is resampled with a new seed (at temperature >= 0.7,
+since greedy would repeat itself) up to `retries` times, then returned as a failure (the scorer's
+default). Nothing is cached: the policy, hence its verdicts, changes every step.
 """
 from __future__ import annotations
 
@@ -37,13 +37,14 @@ class SelfCritiqueBackend:
             if attempt > 1:
                 self.stats.add(retries=len(pending))
             self.stats.add(attempts=len(pending))
-            # One call per distinct sampling setting; judge requests of a batch share one.
+            # One call per distinct sampling setting and verdict schema; judge requests of a batch share one.
             outputs = {}
-            for key in {(requests[i].max_tokens, requests[i].temperature) for i in pending}:
-                idx = [i for i in pending if (requests[i].max_tokens, requests[i].temperature) == key]
+            for key in {(requests[i].max_tokens, requests[i].temperature, requests[i].schema) for i in pending}:
+                idx = [i for i in pending if (requests[i].max_tokens, requests[i].temperature, requests[i].schema) == key]
                 temperature = key[1] if attempt == 1 else max(key[1], 0.7)
                 sampling = SamplingConfig(temperature=temperature, max_tokens=key[0], seed=self.seed + attempt,
-                                          stop_token_ids=self.tokenizer.stop_ids)
+                                          stop_token_ids=self.tokenizer.stop_ids,
+                                          json_schema=requests[idx[0]].json_schema())
                 for i, gens in zip(idx, self.engine.generate([prompts[i] for i in idx], sampling)):
                     outputs[i] = self.tokenizer.decode(gens[0].token_ids, keep_special=False)
             still = []

@@ -1,0 +1,81 @@
+"""The loop's own arithmetic: budget penalty in the reward, PTX mixing in the loss, SFT data encoding,
+the resumable task stream and the run directory's checkpoint bookkeeping."""
+import json
+
+import pytest
+import torch
+
+from k2rl.algo import k2_loss, sft_loss
+from k2rl.config import AlgorithmConfig, EnvConfig, RewardWeights
+from k2rl.engines.train import TokenBatch
+from k2rl.env.environment import CheckResult
+from k2rl.env.factory import EnvFactory
+from k2rl.loop.data import encode_sft_example
+from k2rl.loop.objective import Objective
+from k2rl.loop.run_dir import RunDir
+from k2rl.loop.scoring import advantages, score
+from k2rl.loop.tasks import TaskStream
+from k2rl.model.chat import ChatTokenizer
+from k2rl.rollout.trajectory import EpisodeStats, Trajectory
+
+
+def _trajectory(success: bool, end_reason: str = "done", process: float = 1.0, task="t1", sample=0):
+    return Trajectory(task_id=task, env="shop", token_ids=[1, 2, 3], loss_mask=[0, 1, 1], logprobs=[0, -1, -1],
+                      prompt_len=1, messages=[], tools=[], result=CheckResult(success=success, score=process),
+                      stats=EpisodeStats(end_reason=end_reason, truncated=end_reason == "budget"), sample=sample)
+
+
+def test_budget_penalty_and_weights():
+    weights = RewardWeights(verifiable=1.0, process=0.5, budget=0.3)
+    trajectories = [_trajectory(True), _trajectory(False, "budget", process=0.5, sample=1)]
+    rewards, metrics = score(trajectories, {"t1": "goal"}, 2, weights, judge=None)
+    assert rewards[0].total == pytest.approx(1.0 + 0.5)
+    assert rewards[1].total == pytest.approx(0.0 + 0.25 - 0.3)
+    assert rewards[1].components["budget"] == -1.0
+    assert metrics["reward/budget"] == pytest.approx(-0.5) and metrics["reward/judge_failures"] == 0
+    assert advantages(rewards, 2, AlgorithmConfig(name="k2")) == pytest.approx([0.775, -0.775])
+
+
+def test_ptx_rows_add_weighted_next_token_loss():
+    algo = AlgorithmConfig(name="k2", tau=0.1, ptx_coef=0.5, ptx_dataset="unused.jsonl")
+    batch = TokenBatch.from_lists([[5, 6, 7], [5, 6, 7, 8]], [[False, True, True], [False, True, True, True]],
+                                  old_logprobs=[[0, -1.0, -2.0], [0, 0, 0, 0]], rollout_logprobs=[[0, -1.0, -2.0], [0, 0, 0, 0]])
+    batch.seq_data = {"advantages": torch.tensor([0.5, 0.0]), "ptx": torch.tensor([0.0, 1.0])}
+    new = [torch.tensor([0, -0.5, -2.0]), torch.tensor([0, -0.1, -0.2, -0.3])]
+    loss, stats = Objective(algo)(new, batch)
+    mask = torch.tensor([[0.0, 1, 1]])
+    rl, _ = k2_loss(new[0][None], batch.token_data["old_logprobs"][0][None], mask, torch.tensor([0.5]), 0.1)
+    ptx = sft_loss(new[1][None], torch.tensor([[0.0, 1, 1, 1]]))
+    assert loss.item() == pytest.approx((rl.item() * 2 + 0.5 * ptx.item() * 3) / 5)
+    assert stats["loss/ptx"] == pytest.approx(ptx.item())
+
+
+def test_sft_example_masks_only_assistant_text(tiny_model_dir):
+    chat = ChatTokenizer(tiny_model_dir)
+    example = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    ids, mask = encode_sft_example(example, chat)
+    assert ids == chat.encode_conversation(example["messages"])
+    trained = [i for i, m in zip(ids, mask) if m]
+    assert chat.decode(trained) == "hello there<|im_end|>"
+    assert encode_sft_example({"token_ids": [1, 2], "loss_mask": [0, 1]}, chat) == ([1, 2], [False, True])
+
+
+def test_task_stream_resumes_at_its_cursor():
+    factory = EnvFactory(EnvConfig(name="shop"))
+    first = TaskStream(factory, seed=7)
+    seen = [t.id for t in first.next(5)] + [t.id for t in first.next(3)]
+    resumed = TaskStream(factory, seed=7, cursor=5)
+    assert [t.id for t in resumed.next(3)] == seen[5:]
+    assert len(set(seen)) == 8
+
+
+def test_checkpoints_commit_atomically_and_rotate(tmp_path):
+    run = RunDir(tmp_path / "run")
+    for step in (1, 2, 3):
+        tmp = run.begin_checkpoint(step)
+        (tmp / "weights").write_text(str(step))
+        run.commit_checkpoint(step, tmp, {"step": step}, keep=2)
+    run.begin_checkpoint(4)  # a checkpoint killed half-way is never "latest"
+    assert run.latest().name == "step_3"
+    assert [p.name for p in run.completed()] == ["step_2", "step_3"]
+    assert json.loads((run.latest() / "trainer_state.json").read_text()) == {"step": 3}
