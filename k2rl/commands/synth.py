@@ -21,5 +21,5 @@ def run(args) -> int:
     config = load_synth_config(args.config, overrides)
     report = run_pipeline(config)
     print("\n".join(summary_lines(report)))
-    print(f"outputs in {config.out_path}: sft.jsonl, tasks.jsonl, tools.jsonl, report.json")
+    print(f"outputs in {config.out_path}: sft.jsonl, task_pool.jsonl, tools.jsonl, report.json")
     return 0

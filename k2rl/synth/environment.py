@@ -83,7 +83,7 @@ class SyntheticEnv(Environment):
             return pool
         path = pool or cls.pool_file or os.environ.get(POOL_ENV)
         if not path:
-            raise ValueError(f"synthetic env: no task pool; pass pool=..., or set {POOL_ENV} to a tasks.jsonl "
+            raise ValueError(f"synthetic env: no task pool; pass pool=..., or set {POOL_ENV} to a task_pool.jsonl "
                              f"written by `k2rl synth`")
         return load_pool(path)
 

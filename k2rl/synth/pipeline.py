@@ -27,7 +27,7 @@ def make_agent(config: SynthConfig, client):
 
 def run_pipeline(config: SynthConfig, agent=None) -> dict:
     """Run (or resume) every stage; returns the report (also written to OUT/report.json).
-    Outputs: OUT/tools.jsonl (catalog), OUT/tasks.jsonl (RL task pool), OUT/sft.jsonl (SFT dataset)."""
+    Outputs: OUT/tools.jsonl (catalog), OUT/task_pool.jsonl (RL task pool), OUT/sft.jsonl (SFT dataset)."""
     out = config.out_path
     out.mkdir(parents=True, exist_ok=True)
     client = make_client(config)
@@ -53,7 +53,7 @@ def run_pipeline(config: SynthConfig, agent=None) -> dict:
     sft = write_sft(out / "sft.jsonl", keep, config.output.tokenizer and str(config.path(config.output.tokenizer)))
     solved = {t.task_id for t in keep}
     pool = [e for task_id, e in candidates.items() if task_id in solved]
-    write_pool(out / "tasks.jsonl", pool)
+    write_pool(out / "task_pool.jsonl", pool)
     report = build_report(stages, catalog_size=len(catalog), dropped=dropped, sft=sft, pool=len(pool),
                           llm_stats=client.stats.snapshot())
     write_report(out / "report.json", report)
