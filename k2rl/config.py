@@ -19,37 +19,37 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = "tiny-cpu"
+    name: str = Field("tiny-cpu", description="run directory name under output_dir")
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, description="sampling seeds derive from it (with the step): reruns sample the same")
 
 
 class ModelConfig(Section):
     """Either a preset to build (`k2rl make-model`) or a path to an existing HF-layout checkpoint."""
 
     preset: Literal["k2", "k2-mini", "k2-tiny"] = "k2-tiny"
-    path: str | None = None
+    path: str | None = Field(None, description="HF-layout checkpoint directory (ours, or real K2 FP8); else build `preset`")
     dtype: Literal["float32", "bfloat16"] = "float32"
-    init_seed: int = 0
+    init_seed: int = Field(0, description="seed of the random init when building a preset")
 
 
 class RolloutEngineConfig(Section):
     """vLLM engine settings (one engine per worker)."""
 
-    max_model_len: int = Field(2048, gt=0)
-    kv_cache_memory_bytes: int | None = Field(256 << 20, gt=0)
+    max_model_len: int = Field(2048, gt=0, description="longest trajectory (prompt + all turns) in tokens")
+    kv_cache_memory_bytes: int | None = Field(256 << 20, gt=0, description="KV cache size per engine (CPU needs it; GPU: or use gpu_memory_utilization)")
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
     enforce_eager: bool = True
-    sleep_level: Literal[1, 2] = 2
-    weight_bucket_bytes: int = Field(64 << 20, gt=0)
+    sleep_level: Literal[1, 2] = Field(2, description="vLLM sleep mode on GPU: 2 drops weights too (they are replaced after every step)")
+    weight_bucket_bytes: int = Field(64 << 20, gt=0, description="trainer -> vLLM weight sync bucket size (ZeRO-3 gathers one bucket at a time)")
     tensor_parallel_size: int = Field(1, ge=1)
 
 
 class TrainEngineConfig(Section):
     """DeepSpeed engine settings."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 0  # MuonClip needs 0; AdamW runs under any stage
-    micro_batch_tokens: int = Field(4096, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; MuonClip needs 0, AdamW runs under any")
+    micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward/backward; gradients accumulate over micro-batches")
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
     offload: Literal["pinned", "deepspeed", "none"] = Field(
@@ -58,10 +58,10 @@ class TrainEngineConfig(Section):
 
 
 class WorkersConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1, description="colocated workers (one per accelerator); one data-parallel world")
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
-    ray_address: str | None = None
+    ray_address: str | None = Field(None, description="join a Ray cluster (e.g. auto or ray://head:10001); default: start Ray locally")
     call_timeout_s: float = Field(1800, gt=0, description="longest a worker call may take before the driver gives up")
 
 
@@ -69,7 +69,7 @@ class OptimizerConfig(Section):
     """MuonClip (Muon for matrices, AdamW for the rest, shared lr and wd) or plain AdamW."""
 
     name: Literal["muonclip", "adamw"] = "muonclip"
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, description="shared by the Muon and AdamW parts (RMS-matched)")
     weight_decay: float = Field(0.1, ge=0)
     momentum: float = Field(0.95, ge=0, lt=1)
     nesterov: bool = True
@@ -79,7 +79,7 @@ class OptimizerConfig(Section):
     ns_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Newton-Schulz precision: fp16 is as fast as bf16 and 8x finer (inputs are normalized)")
     qk_clip: bool = True
-    qk_clip_tau: float = Field(100.0, gt=0)
+    qk_clip_tau: float = Field(100.0, gt=0, description="QK-Clip threshold on each head's max pre-softmax logit (K2: 100)")
     warmup_steps: int = Field(0, ge=0)
 
 
@@ -93,24 +93,27 @@ class TemperatureSchedule(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["k2", "grpo", "ppo", "sft"] = "k2"
-    samples_per_task: int = Field(4, ge=1)
+    name: Literal["k2", "grpo", "ppo", "sft"] = Field("k2", description="k2: K2's objective; grpo/ppo: clipped surrogates; sft: supervised on oracle demos")
+    samples_per_task: int = Field(4, ge=1, description="K responses per task (the group baseline)")
     tasks_per_step: int = Field(8, ge=1)
     tau: float = Field(0.1, gt=0, description="K2 objective: weight of log(pi/pi_old)")
-    clip_eps: float = Field(0.2, gt=0)
-    aggregation: Literal["token", "sequence"] = "token"
-    kl_coef: float = Field(0.0, ge=0)
-    ptx_coef: float = Field(0.0, ge=0)
-    ptx_dataset: str | None = None
-    truncated_is_cap: float | None = Field(None, gt=0)
+    clip_eps: float = Field(0.2, gt=0, description="grpo/ppo ratio clip")
+    aggregation: Literal["token", "sequence"] = Field("token", description="grpo/ppo: mean over tokens, or per sequence then over sequences")
+    kl_coef: float = Field(0.0, ge=0, description="grpo/ppo k3 KL to a reference policy (needs a reference model: not wired yet, must be 0)")
+    ptx_coef: float = Field(0.0, ge=0, description="K2 PTX: weight of the next-token loss on ptx_dataset mixed into RL batches")
+    ptx_dataset: str | None = Field(None, description="JSONL of {messages, tools} or {token_ids, loss_mask}")
+    truncated_is_cap: float | None = Field(None, gt=0, description="truncated importance weights min(pi_train/pi_vllm, cap); off when null")
     epochs_per_step: int = Field(1, ge=1)
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int = Field(256, gt=0, description="per assistant turn")
     temperature: TemperatureSchedule = TemperatureSchedule()
 
     @model_validator(mode="after")
     def _ptx_needs_data(self):
         if self.ptx_coef > 0 and not self.ptx_dataset:
             raise ValueError("ptx_coef > 0 needs algorithm.ptx_dataset (a JSONL of SFT conversations)")
+        if self.kl_coef > 0:
+            raise ValueError("kl_coef > 0 needs a reference model, which the workers do not hold yet; "
+                             "use k2's tau (regularizes toward the sampling policy) or kl_coef 0")
         return self
 
 
@@ -141,16 +144,16 @@ class EnvConfig(Section):
 class JudgeConfig(Section):
     """Where rubric scores come from: off, an OpenAI-compatible endpoint, or the policy itself."""
 
-    mode: Literal["off", "endpoint", "self"] = "off"
+    mode: Literal["off", "endpoint", "self"] = Field("off", description="self: the policy critiques itself (K2)")
     base_url: str | None = None
     model: str | None = None
     api_key: str = "EMPTY"
-    rubric: str = "tool_use"
+    rubric: str = Field("tool_use", description="name in rubrics/ or a path to a rubric YAML")
     pairwise: bool = False
     concurrency: int = Field(8, ge=1)
     timeout_s: float = Field(60.0, gt=0)
     retries: int = Field(3, ge=0)
-    default_score: float = Field(0.0, ge=0, le=1)
+    default_score: float = Field(0.0, ge=0, le=1, description="score when the judge fails for good (counted)")
     cache_dir: str | None = None
     backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per retry")
     temperature: float = Field(0.0, ge=0)
@@ -170,10 +173,10 @@ class JudgeConfig(Section):
 
 
 class RewardWeights(Section):
-    verifiable: float = 1.0
-    process: float = 0.0
-    rubric: float = 0.0
-    budget: float = 1.0
+    verifiable: float = Field(1.0, description="end state right and every milestone met (0/1)")
+    process: float = Field(0.0, description="share of required milestones met")
+    rubric: float = Field(0.0, description="rubric judge score in [0, 1]")
+    budget: float = Field(1.0, description="penalty when an episode ran out of token budget (truncated)")
 
 
 class RewardsConfig(Section):
@@ -182,16 +185,16 @@ class RewardsConfig(Section):
 
 
 class ScheduleConfig(Section):
-    steps: int = Field(20, ge=0)
-    eval_every: int = Field(0, ge=0)
-    checkpoint_every: int = Field(5, ge=0)
+    steps: int = Field(20, ge=0, description="optimizer steps in the run")
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps (and at step 0 and the end); 0: never")
+    checkpoint_every: int = Field(5, ge=0, description="and always at the end and on SIGINT/SIGTERM; 0: only then")
     keep_checkpoints: int = Field(2, ge=1)
 
 
 class LoggingConfig(Section):
     tensorboard: bool = True
     plots: bool = True
-    rollouts_per_step: int = Field(8, ge=0)
+    rollouts_per_step: int = Field(8, ge=0, description="episodes saved to rollouts/step_N.jsonl")
     progress: bool = True
 
 

@@ -57,7 +57,9 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------------------------
     def rollout(self, tasks, samples: int, temperature: float):
-        sampling = SamplingConfig(temperature=temperature, seed=None, stop_token_ids=self.chat.stop_ids)
+        # Seeded by run seed and step, so a resumed run samples exactly what the uninterrupted one did.
+        seed = (self.config.run.seed * 1_000_003 + self.step * 7919) % 2**31
+        sampling = SamplingConfig(temperature=temperature, seed=seed, stop_token_ids=self.chat.stop_ids)
         return run_episodes(self.group, self.chat, self.make_env, tasks, sampling=sampling, limits=self.limits,
                             samples_per_task=samples)
 

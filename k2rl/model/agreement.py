@@ -25,6 +25,10 @@ def vllm_engine_args(model_dir, dtype: str, **overrides) -> dict:
     """LLM(...) arguments that work for K2-architecture models on this machine (see PLATFORM.md)."""
     args = dict(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=1024,
                 kv_cache_memory_bytes=256 << 20, seed=0)
+    if not torch.cuda.is_available():
+        from k2rl.engines.vllm_fixes import patch_cpu_rotary
+
+        patch_cpu_rotary()
     if not torch.cuda.is_available() and dtype == "float32":
         # On CPUs with AMX vLLM picks AMX_MLA, which only takes bf16 weights; the reference CPU MLA
         # backend runs fp32.
