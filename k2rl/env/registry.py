@@ -17,6 +17,7 @@ BUILTINS = {
     "bank": "envs.bank:Bank",
     "calendar": "envs.calendar:Calendar",
     "shop": "envs.shop:Shop",
+    "synthetic": "envs.synthetic:Synthetic",
 }
 GROUP = "k2rl.envs"
 
