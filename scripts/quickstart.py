@@ -16,7 +16,7 @@ from k2rl.model.agreement import vllm_engine_args
 from k2rl.model.build import make_model
 from k2rl.model.chat import ChatTokenizer
 from k2rl.model.checkpoint import load_model
-from k2rl.model.modeling import completion_logprobs
+from k2rl.model.modeling import completion_logprobs, greedy_decode
 
 TOOLS = [{"type": "function", "function": {"name": "find_order", "description": "Look up an order by id.",
                                            "parameters": {"type": "object", "properties": {"order_id": {"type": "string"}}}}}]
@@ -39,11 +39,7 @@ def main() -> None:
     vllm_ids = list(out.token_ids)
 
     model = load_model(model_dir).eval()
-    trainer_ids = prompt[:]
-    with torch.no_grad():
-        for _ in range(24):
-            trainer_ids.append(int(model(torch.tensor([trainer_ids])).logits[0, -1].argmax()))
-    trainer_ids = trainer_ids[len(prompt):]
+    trainer_ids = greedy_decode(model, prompt, 24)
 
     vllm_lp = torch.tensor([step[t].logprob for step, t in zip(out.logprobs, vllm_ids)])
     gap = (completion_logprobs(model, prompt, vllm_ids) - vllm_lp).abs()

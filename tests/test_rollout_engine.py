@@ -4,7 +4,7 @@ import torch
 
 from k2rl.engines.rollout import Generation, RolloutEngine, SamplingConfig
 from k2rl.model.checkpoint import load_model
-from k2rl.model.modeling import export_weights
+from k2rl.model.modeling import export_weights, greedy_decode
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [100, 200, 300, 400, 500]]
 
@@ -12,14 +12,6 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [100, 200, 300, 400, 500]]
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     return RolloutEngine(tiny_model_dir, max_model_len=512)
-
-
-def trainer_greedy(model, prompt, steps):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def trainer_logprobs(model, prompt, completion):
@@ -73,6 +65,6 @@ def test_reload_from_streamed_buckets_matches_trainer(engine, tiny_model_dir):
     out = engine.generate(PROMPTS, SamplingConfig(temperature=0, max_tokens=8))
     gaps = []
     for prompt, (g,) in zip(PROMPTS, out):
-        assert g.token_ids == trainer_greedy(model, prompt, len(g.token_ids))
+        assert g.token_ids == greedy_decode(model, prompt, len(g.token_ids))
         gaps.append((trainer_logprobs(model, prompt, g.token_ids) - torch.tensor(g.logprobs)).abs())
     assert torch.cat(gaps).max() < 2e-2

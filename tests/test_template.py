@@ -45,7 +45,6 @@ def test_python_renderer_matches_jinja_template(tiny_model_dir, messages, with_t
 
 def test_tool_calls_round_trip_through_tokens(tiny_model_dir):
     tok = ChatTokenizer(tiny_model_dir)
-    turn = CONVERSATIONS[1][2]
     ids = tok.encode_conversation(CONVERSATIONS[1][:3], TOOLS)
     # The assistant turn's generated part: everything after the last generation prompt.
     prompt = tok.encode_conversation(CONVERSATIONS[1][:2], TOOLS, add_generation_prompt=True)

@@ -12,6 +12,7 @@ from k2rl.config import JobConfig
 from k2rl.engines.rollout import SamplingConfig
 from k2rl.engines.train import TokenBatch
 from k2rl.model.checkpoint import load_model
+from k2rl.model.modeling import greedy_decode
 from k2rl.worker import PhaseError, WorkerFailed, WorkerGroup
 
 PROMPTS = [[5, 6, 7, 8], [100, 200, 300]]
@@ -31,14 +32,6 @@ def to_batch(prompts, generations):
         mask.append([False] * len(prompt) + [True] * len(g.token_ids))
         rollout_lp.append([0.0] * len(prompt) + g.logprobs)
     return TokenBatch.from_lists(ids, mask, rollout_logprobs=rollout_lp)
-
-
-def trainer_greedy(model, prompt, steps):
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +74,7 @@ def test_rl_step_then_sync_matches_trainer(group, tmp_path):
     assert decodes[:2] == decodes[2:]  # both workers' vLLMs hold the same weights
     assert decodes != [g[0].token_ids for g in before]  # and they are the updated ones
     model = load_model(tmp_path / "ckpt").eval()
-    assert decodes[:2] == [trainer_greedy(model, p, len(d)) for p, d in zip(PROMPTS, decodes)]
+    assert decodes[:2] == [greedy_decode(model, p, len(d)) for p, d in zip(PROMPTS, decodes)]
 
     group.to_train()
     group.logprobs(to_batch(PROMPTS * 2, after))

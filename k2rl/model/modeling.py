@@ -132,3 +132,13 @@ def completion_logprobs(model: torch.nn.Module, prompt: list[int], completion: l
     ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
     logits = model(ids).logits[0, len(prompt) - 1:-1].float()
     return logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu()
+
+
+@torch.no_grad()
+def greedy_decode(model: torch.nn.Module, prompt: list[int], steps: int) -> list[int]:
+    """`steps` argmax tokens after `prompt`, by full re-forward (a reference, not a fast path)."""
+    ids = list(prompt)
+    device = next(model.parameters()).device
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids], device=device)).logits[0, -1].argmax()))
+    return ids[len(prompt):]
