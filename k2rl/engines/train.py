@@ -91,6 +91,13 @@ class TokenBatch:
 LossFn = Callable[[list[torch.Tensor], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
 
 
+def fp32_master(job: JobConfig) -> bool:
+    """MuonClip steps (and QK-Clip rescales) fp32 master weights it holds itself, so the model stays
+    fp32 and computes in bf16 under DeepSpeed's torch_autocast on a GPU; DeepSpeed's bf16 mode would
+    keep hidden fp32 copies that undo the clip. AdamW lets DeepSpeed run bf16 with its own fp32 copy."""
+    return job.optimizer.name == "muonclip"
+
+
 def ds_config(job: JobConfig, on_gpu: bool) -> dict:
     """DeepSpeed config: one micro-batch per `backward`; we mark the accumulation boundary ourselves."""
     stage = job.train.zero_stage
@@ -99,7 +106,8 @@ def ds_config(job: JobConfig, on_gpu: bool) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": job.train.grad_clip,
         "zero_optimization": {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})},
-        "bf16": {"enabled": on_gpu},
+        "bf16": {"enabled": on_gpu and not fp32_master(job)},
+        "torch_autocast": {"enabled": on_gpu and fp32_master(job), "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
@@ -132,7 +140,8 @@ class TrainEngine:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
         if model is None:
-            model = load_model(model_dir, torch.bfloat16 if self.on_gpu else torch.float32)
+            low_precision = self.on_gpu and not fp32_master(job_cfg)
+            model = load_model(model_dir, torch.bfloat16 if low_precision else torch.float32)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         optimizer = build_optimizer(model, job_cfg)
