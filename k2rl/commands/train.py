@@ -25,5 +25,5 @@ def run(args) -> int:
         final = train(config, resume_dir=Path(args.resume))
     else:
         final = train(load_config(args.config, args.overrides))
-    print(f"k2rl train: done; last checkpoint {final}")
+    print(f"k2rl train: last checkpoint {final} (continue a run with --resume RUN_DIR)")
     return 0

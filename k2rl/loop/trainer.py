@@ -27,10 +27,6 @@ from k2rl.rollout import Limits, oracle_trajectory, run_episodes, summarize
 from k2rl.algo import temperature_at
 
 
-class Stop(Exception):
-    """Raised between steps after SIGINT/SIGTERM once the checkpoint is written."""
-
-
 class Trainer:
     def __init__(self, config: JobConfig, group, model_dir: str | Path, run_dir: RunDir, start_step: int = 0,
                  cursor: int = 0):
@@ -197,8 +193,8 @@ class Trainer:
                     if self.stop_requested or self.step == cfg.steps or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
                         progress.phase("ckpt")
                         last = self.checkpoint()
-                    if self.stop_requested:
-                        raise Stop
+                    if self.stop_requested:  # SIGINT/SIGTERM: the checkpoint is written, leave cleanly
+                        break
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
