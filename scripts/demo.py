@@ -22,7 +22,7 @@ def train(config: str, *overrides: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sft-steps", type=int, default=100)
+    parser.add_argument("--sft-steps", type=int, default=200)
     parser.add_argument("--rl-steps", type=int, default=30)
     parser.add_argument("--eval-tasks", type=int, default=200)
     parser.add_argument("--out", default="runs")
