@@ -136,11 +136,14 @@ class Worker:
 
     @requires(Phase.TRAIN)
     def logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
-        """Trainer logprobs; with `rollout_logprobs` in batch.token_data also the vLLM-trainer gap."""
+        """Trainer logprobs; with `rollout_logprobs` in batch.token_data also the vLLM-trainer gap
+        (over the sampled sequences' generated tokens)."""
         with self._timed("time/logprobs"):
             out = self.train.logprobs(batch)
         if "rollout_logprobs" in batch.token_data and len(batch):
-            mask = torch.cat(batch.loss_mask)
+            # Sequences flagged `ptx` (curated data mixed in, never sampled by vLLM) have no rollout logprobs.
+            sampled = ~batch.seq_data.get("ptx", torch.zeros(len(batch))).bool()
+            mask = torch.cat([m & bool(keep) for m, keep in zip(batch.loss_mask, sampled)])
             gap = (torch.cat(out) - torch.cat(batch.token_data["rollout_logprobs"]))[mask].abs()
             if gap.numel():
                 self.metrics.update({"mismatch/logprob_abs": float(gap.mean()), "mismatch/logprob_abs_max": float(gap.max())})

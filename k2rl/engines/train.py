@@ -190,7 +190,7 @@ class TrainEngine:
     def train_step(self, batches: TokenBatch | list[TokenBatch], loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over all sequences given (see module doc for the loss contract)."""
         self._require_loaded("train_step")
-        batch = _concat(batches) if isinstance(batches, list) else batches
+        batch = concat_batches(batches) if isinstance(batches, list) else batches
         total = max(batch.num_loss_tokens(), 1)
         self.engine.train()
         reset_max_logits(self.model)
@@ -316,7 +316,7 @@ class TrainEngine:
         self.engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
 
 
-def _concat(batches: list[TokenBatch]) -> TokenBatch:
+def concat_batches(batches: list[TokenBatch]) -> TokenBatch:
     first = batches[0]
     return TokenBatch([s for b in batches for s in b.input_ids], [m for b in batches for m in b.loss_mask],
                       {k: [t for b in batches for t in b.token_data[k]] for k in first.token_data},

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from k2rl.config import JobConfig
+from k2rl.engines.train import concat_batches
 from k2rl.engines.rollout import SamplingConfig
 from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
@@ -122,9 +123,7 @@ class Trainer:
             extra.token_data[key] = [torch.zeros(len(ids)) for ids in extra.input_ids]
         extra.seq_data = {"advantages": torch.zeros(count), "ptx": torch.ones(count)}
         batch.seq_data["ptx"] = torch.zeros(count)
-        from k2rl.engines.train import _concat
-
-        return _concat([batch, extra])
+        return concat_batches([batch, extra])
 
     def oracle_examples(self, count: int):
         """SFT cold-start data: the scripted oracle's solved training tasks, as (ids, mask)."""
