@@ -1,7 +1,4 @@
 """TrainEngine on real DeepSpeed (CPU, gloo, a world of one): logprobs, a step, export, checkpoints."""
-import os
-import socket
-
 import pytest
 import torch
 
@@ -20,11 +17,7 @@ def nll_loss(new_logprobs, batch):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def engine(tiny_model_dir, world_of_one):
     job = JobConfig(optimizer={"name": "adamw", "lr": 1e-2}, train={"zero_stage": 1, "micro_batch_tokens": 16})
     return TrainEngine(tiny_model_dir, job)
 

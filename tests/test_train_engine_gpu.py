@@ -1,7 +1,4 @@
 """TrainEngine on a GPU with MuonClip: fp32 master weights, bf16 autocast compute, QK-Clip, offload."""
-import os
-import socket
-
 import pytest
 import torch
 
@@ -9,14 +6,10 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def engine(tiny_model_dir, world_of_one):
     from k2rl.config import JobConfig
     from k2rl.engines.train import TrainEngine
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     job = JobConfig(optimizer={"name": "muonclip", "lr": 2e-2, "qk_clip_tau": 0.05}, train={"zero_stage": 0})
     return TrainEngine(tiny_model_dir, job)
 
