@@ -99,7 +99,7 @@ class AlgorithmConfig(Section):
     tau: float = Field(0.1, gt=0, description="K2 objective: weight of log(pi/pi_old)")
     clip_eps: float = Field(0.2, gt=0, description="grpo/ppo ratio clip")
     aggregation: Literal["token", "sequence"] = Field("token", description="grpo/ppo: mean over tokens, or per sequence then over sequences")
-    kl_coef: float = Field(0.0, ge=0, description="grpo/ppo k3 KL to a reference policy (needs a reference model: not wired yet, must be 0)")
+    kl_coef: float = Field(0.0, ge=0, description="grpo/ppo: k3 KL to the reference policy (the run's initial model, held frozen by each trainer)")
     ptx_coef: float = Field(0.0, ge=0, description="K2 PTX: weight of the next-token loss on ptx_dataset mixed into RL batches")
     ptx_dataset: str | None = Field(None, description="JSONL of {messages, tools} or {token_ids, loss_mask}")
     truncated_is_cap: float | None = Field(None, gt=0, description="truncated importance weights min(pi_train/pi_vllm, cap); off when null")
@@ -111,9 +111,9 @@ class AlgorithmConfig(Section):
     def _ptx_needs_data(self):
         if self.ptx_coef > 0 and not self.ptx_dataset:
             raise ValueError("ptx_coef > 0 needs algorithm.ptx_dataset (a JSONL of SFT conversations)")
-        if self.kl_coef > 0:
-            raise ValueError("kl_coef > 0 needs a reference model, which the workers do not hold yet; "
-                             "use k2's tau (regularizes toward the sampling policy) or kl_coef 0")
+        if self.kl_coef > 0 and self.name not in ("grpo", "ppo"):
+            raise ValueError(f"kl_coef applies to grpo and ppo; {self.name!r} has none (k2 regularizes "
+                             "toward the sampling policy with tau)")
         return self
 
 

@@ -82,13 +82,13 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def setup(self, model_dir: str, job: dict, master: tuple[str, int]) -> None:
+    def setup(self, model_dir: str, job: dict, master: tuple[str, int], reference_dir: str | None = None) -> None:
         """Build the trainer (joining the DeepSpeed world), offload it, then vLLM: start in ROLLOUT."""
         self.job = JobConfig.model_validate(job)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         with self._timed("time/setup_train"):
-            self.train = TrainEngine(model_dir, self.job)
+            self.train = TrainEngine(model_dir, self.job, reference_dir=reference_dir)
             self.train.offload()
         with self._timed("time/setup_rollout"):
             self.rollout = RolloutEngine.from_config(model_dir, self.job.rollout, self.job.model.dtype,
@@ -150,6 +150,11 @@ class Worker:
         return out
 
     @requires(Phase.TRAIN)
+    def reference_logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
+        with self._timed("time/reference"):
+            return self.train.reference_logprobs(batch)
+
+    @requires(Phase.TRAIN)
     def save_checkpoint(self, out_dir: str) -> None:
         with self._timed("time/save"):
             self.train.save_checkpoint(out_dir)
@@ -202,7 +207,8 @@ def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) 
 class WorkerGroup:
     """N colocated workers as Ray actors in one placement group; the loop's single handle on them."""
 
-    def __init__(self, model_dir: str | Path, job: JobConfig):
+    def __init__(self, model_dir: str | Path, job: JobConfig, reference_dir: str | Path | None = None):
+        """`reference_dir`: a frozen reference policy each trainer holds for the KL term."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -225,7 +231,8 @@ class WorkerGroup:
         self.phase = [Phase.SWITCHING] * w.num_workers
         self.pids = self._call("pid")
         master = self._call_one(0, "address")
-        self._call("setup", str(model_dir), job.model_dump(mode="json"), master)
+        self._call("setup", str(model_dir), job.model_dump(mode="json"), master,
+                   str(reference_dir) if reference_dir is not None else None)
         self.phase = [Phase.ROLLOUT] * w.num_workers
 
     # ---- fan-out ---------------------------------------------------------------------------------
@@ -249,7 +256,14 @@ class WorkerGroup:
         return self._call_each("train_step", [(batch.shard(i, self.num_workers), loss_fn) for i in range(self.num_workers)])[0]
 
     def logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
-        parts = self._call_each("logprobs", [(batch.shard(i, self.num_workers),) for i in range(self.num_workers)])
+        return self._sharded("logprobs", batch)
+
+    def reference_logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
+        return self._sharded("reference_logprobs", batch)
+
+    def _sharded(self, method: str, batch: TokenBatch) -> list[torch.Tensor]:
+        """Per-sequence results of `method` with sequences dealt round-robin, back in batch order."""
+        parts = self._call_each(method, [(batch.shard(i, self.num_workers),) for i in range(self.num_workers)])
         out: list[torch.Tensor] = [None] * len(batch)
         for i, part in enumerate(parts):
             out[i::self.num_workers] = part

@@ -30,6 +30,7 @@ BAD = [
     ("wokers:\n  num_workers: 2\n", ":1: wokers: unknown key (did you mean 'workers'?)"),
     ("rewards:\n  judge:\n    mode: endpoint\n", ":2: rewards.judge: Value error, judge.mode 'endpoint' needs judge.base_url"),
     ("algorithm:\n  ptx_coef: 0.1\n", "algorithm: Value error, ptx_coef > 0 needs algorithm.ptx_dataset"),
+    ("algorithm:\n  kl_coef: 0.1\n", "algorithm: Value error, kl_coef applies to grpo and ppo; 'k2' has none"),
     ("model:\n  dtype: fp16\n", ":2: model.dtype: Input should be 'float32' or 'bfloat16' (got 'fp16')"),
     ("- just\n- a list\n", "the top level must be a mapping"),
     ("run: [unclosed\n", ":2: invalid YAML"),

@@ -85,3 +85,15 @@ def test_muonclip_under_zero0_clips_heads(engine, tiny_model_dir):
     muon = TrainEngine(tiny_model_dir, job)  # joins the world the `engine` fixture set up
     stats = muon.train_step(TokenBatch.from_lists(SEQS), nll_loss)
     assert stats["grad_norm"] > 0 and stats["attn/clipped_heads"] > 0 and 0 < stats["attn/max_logit"]
+
+
+def test_reference_policy_stays_frozen(tiny_model_dir, world_of_one):
+    """The KL anchor: logprobs of the initial weights, whatever the policy has learned since."""
+    job = JobConfig(optimizer={"name": "adamw", "lr": 1e-2}, algorithm={"name": "grpo", "kl_coef": 0.1})
+    engine = TrainEngine(tiny_model_dir, job, reference_dir=tiny_model_dir)
+    batch = TokenBatch.from_lists(SEQS)
+    before = engine.reference_logprobs(batch)
+    torch.testing.assert_close(torch.cat(engine.logprobs(batch)), torch.cat(before))
+    engine.train_step(batch, nll_loss)
+    assert not torch.allclose(torch.cat(engine.logprobs(batch)), torch.cat(before))
+    torch.testing.assert_close(torch.cat(engine.reference_logprobs(batch)), torch.cat(before), rtol=0, atol=0)

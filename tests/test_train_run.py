@@ -50,14 +50,15 @@ def test_short_run_writes_the_whole_run_directory(tiny_model_dir, tmp_path):
                                                     {"role": "assistant", "content": f"hello {i}"}]}) + "\n"
                            for i in range(3)))
     done = _run(_cmd(tmp_path, "short", tiny_model_dir, "schedule.steps=2", "schedule.eval_every=2",
-                     "schedule.checkpoint_every=1", "algorithm.ptx_coef=0.1", f"algorithm.ptx_dataset={ptx}"))
+                     "schedule.checkpoint_every=1", "algorithm.ptx_coef=0.1", f"algorithm.ptx_dataset={ptx}",
+                     "algorithm.name=grpo", "algorithm.kl_coef=0.05"))  # the other runs use K2's objective
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "short"
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "eval/success" in rows[0] and "eval/success" in rows[2]
     for row in rows[1:]:
-        assert EVERY_STEP | {"loss/ptx"} <= set(row), EVERY_STEP - set(row)
+        assert EVERY_STEP | {"loss/ptx", "loss/kl", "loss/clip_frac", "time/reference"} <= set(row), EVERY_STEP - set(row)
         assert row["mismatch/logprob_abs"] < 5e-3
     assert (run / "config.yaml").exists() and (run / "rollouts" / "step_1.jsonl").exists()
     assert {p.name for p in (run / "plots").iterdir()} >= {"reward.png", "success.png", "time.png"}

@@ -128,8 +128,9 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> torch.optim.Optim
 class TrainEngine:
     """DeepSpeed over the trainer model; one data-parallel rank (rank/world from torch.distributed env)."""
 
-    def __init__(self, model_dir, job_cfg: JobConfig, model: torch.nn.Module | None = None):
-        """`model`: an already-built trainer model for `model_dir` (benchmarks build one on the GPU)."""
+    def __init__(self, model_dir, job_cfg: JobConfig, model: torch.nn.Module | None = None, reference_dir=None):
+        """`model`: an already-built trainer model for `model_dir` (benchmarks build one on the GPU).
+        `reference_dir`: a frozen reference policy for the KL term (kept on the host between uses)."""
         import deepspeed
 
         self.model_dir = Path(model_dir)
@@ -153,14 +154,18 @@ class TrainEngine:
         self.zero3 = job_cfg.train.zero_stage == 3
         self.offloader = PinnedOffloader(self.engine) if self.on_gpu and job_cfg.train.offload == "pinned" else None
         self.offloaded = False
+        self.reference = None
+        if reference_dir is not None:
+            self.reference = load_model(reference_dir, next(self.model.parameters()).dtype).eval().requires_grad_(False)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _forward_logprobs(self, mb: TokenBatch) -> list[torch.Tensor]:
-        """Per-sequence logprobs of each token given its prefix (position 0: 0.0), right-padded batch."""
+    def _forward_logprobs(self, mb: TokenBatch, module=None) -> list[torch.Tensor]:
+        """Per-sequence logprobs of each token given its prefix (position 0: 0.0), right-padded batch;
+        under the policy (the DeepSpeed engine) unless another `module` is given."""
         lengths = [len(s) for s in mb.input_ids]
         ids = torch.nn.utils.rnn.pad_sequence(mb.input_ids, batch_first=True).to(self.device)
         attn = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).to(self.device)
-        logits = self.engine(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
+        logits = (module or self.engine)(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
         logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
         return [logp[i, :n] for i, n in enumerate(lengths)]
@@ -177,13 +182,28 @@ class TrainEngine:
         """Per-sequence per-token logprobs under the current policy (no grad), aligned with input_ids."""
         self._require_loaded("logprobs")
         self.engine.eval()
+        out = self._no_grad_logprobs(batch, self.engine)
+        reset_max_logits(self.model)
+        return out
+
+    def reference_logprobs(self, batch: TokenBatch) -> list[torch.Tensor]:
+        """The same under the frozen reference policy (the KL term's anchor); it visits the device only
+        for this call."""
+        if self.reference is None:
+            raise RuntimeError("no reference policy: the engine was built without reference_dir")
+        self.reference.to(self.device)
+        try:
+            return self._no_grad_logprobs(batch, self.reference)
+        finally:
+            self.reference.to("cpu")
+
+    def _no_grad_logprobs(self, batch: TokenBatch, module) -> list[torch.Tensor]:
         out = []
         with torch.no_grad():
             for mb, real in self._aligned_micro_batches(batch):
-                logps = self._forward_logprobs(mb)
+                logps = self._forward_logprobs(mb, module)
                 if real:
                     out += [lp.float().cpu() for lp in logps]
-        reset_max_logits(self.model)
         return out
 
     # ---- step ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
 
     run_dir = RunDir(resume_dir or config.run_dir)
     start_step, cursor, model_dir, ckpt = 0, 0, None, None
+    reference_dir = None
     if resume_dir is not None:
         restored = restore(run_dir)
         if restored is None:
@@ -47,7 +48,9 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
         else:
             ray.init(num_cpus=max(2, int(config.workers.num_workers * config.workers.cpus_per_worker)),
                      include_dashboard=False, log_to_driver=False)
-    group = WorkerGroup(model_dir, config)
+    if config.algorithm.kl_coef > 0:  # the KL anchor is the run's initial policy, also after a resume
+        reference_dir = initial_model(config, run_dir)
+    group = WorkerGroup(model_dir, config, reference_dir)
     try:
         if ckpt is not None:  # weights came with model_dir; the optimizer state comes from here
             group.to_train()

@@ -76,6 +76,8 @@ class Trainer:
             batch = self._with_ptx(batch)
         self.group.to_train()
         batch.token_data["old_logprobs"] = self.group.logprobs(batch)
+        if algo.kl_coef > 0:
+            batch.token_data["ref_logprobs"] = self.group.reference_logprobs(batch)
         train_stats: dict[str, float] = {}
         for _ in range(algo.epochs_per_step):
             train_stats = self.group.train_step(batch, self.objective)
