@@ -6,6 +6,7 @@ the driver runs the agent loop (environments are cheap Python) and the judge cli
 """
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
 from k2rl.loop.scoring import advantages, score
 from k2rl.loop.tasks import TaskStream, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
+from k2rl.rewards.judge import make_judge
 from k2rl.rollout import Limits, oracle_trajectory, run_episodes, summarize
 from k2rl.algo import temperature_at
 
@@ -40,17 +42,11 @@ class Trainer:
         self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
         self.objective = Objective(config.algorithm)
         self.limits = Limits.from_config(config.env, config.algorithm.max_new_tokens, config.rollout.max_model_len)
-        self.judge = self._make_judge()
+        self.judge = make_judge(config.rewards.judge, engine=self.group, model_dir=self.model_dir)  # None when off
         self.ptx = load_sft_file(config.algorithm.ptx_dataset, self.chat) if config.algorithm.ptx_coef > 0 else []
         self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
                                   resume_step=start_step if start_step else None)
         self.stop_requested = False
-
-    def _make_judge(self):
-        from k2rl.rewards.judge import make_judge
-
-        judge = self.config.rewards.judge
-        return make_judge(judge, engine=self.group, model_dir=self.model_dir) if judge.mode != "off" else None
 
     # ---- one step ----------------------------------------------------------------------------------
     def rollout(self, tasks, samples: int, temperature: float):
@@ -170,7 +166,6 @@ class Trainer:
     def run(self) -> Path | None:
         cfg = self.config.schedule
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        sft_data = None
         last = None
         try:
             with RunProgress(cfg.steps, self.step, self.config.logging.progress) as progress:
@@ -180,8 +175,7 @@ class Trainer:
                 while self.step < cfg.steps:
                     if self.config.algorithm.name == "sft":
                         progress.phase("sft")
-                        sft_data = self.oracle_examples(self.config.algorithm.tasks_per_step)
-                        metrics = self.sft_step(sft_data)
+                        metrics = self.sft_step(self.oracle_examples(self.config.algorithm.tasks_per_step))
                     else:
                         progress.phase("rl")
                         metrics = self.rl_step()
@@ -210,8 +204,6 @@ def _prefixed(train_stats: dict[str, float]) -> dict[str, float]:
 
 def restore(run_dir: RunDir) -> tuple[int, int, Path] | None:
     """(step, cursor, checkpoint dir) of the latest complete checkpoint, RNG restored; None if none."""
-    import json
-
     latest = run_dir.latest()
     if latest is None:
         return None
