@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.rollout import Generation, RolloutEngine, SamplingConfig
-from k2rl.engines.train import LossFn, TokenBatch, TrainEngine
+from k2rl.engines.rollout import RolloutEngine
+from k2rl.engines.train import LossFn, TrainEngine
+from k2rl.engines.types import Generation, SamplingConfig, TokenBatch
 
 # Environment the actors need before importing vLLM / DeepSpeed (see PLATFORM.md).
 _ACTOR_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED")

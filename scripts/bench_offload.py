@@ -72,7 +72,7 @@ def build_engine(stage: int, offload: str, seq_len: int):
 
 
 def bench_mode(mode: str, seq_len: int, cycles: int) -> dict:
-    from k2rl.engines.train import TokenBatch
+    from k2rl.engines.types import TokenBatch
 
     stage, offload = int(mode[4]), mode.split("-")[1]
     engine = build_engine(stage, offload, seq_len)

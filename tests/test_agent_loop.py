@@ -7,7 +7,8 @@ from itertools import groupby
 
 import pytest
 
-from k2rl.engines.rollout import RolloutEngine, SamplingConfig
+from k2rl.engines.rollout import RolloutEngine
+from k2rl.engines.types import SamplingConfig
 from k2rl.env import Environment, Task, load_env, tool
 from k2rl.model.chat import ChatTokenizer
 from k2rl.model.template import GENERATION_PROMPT, render_message

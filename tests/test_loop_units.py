@@ -7,7 +7,7 @@ import torch
 
 from k2rl.algo import k2_loss, sft_loss
 from k2rl.config import AlgorithmConfig, EnvConfig, RewardWeights
-from k2rl.engines.train import TokenBatch
+from k2rl.engines.types import TokenBatch
 from k2rl.env.environment import CheckResult
 from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import encode_sft_example

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from k2rl.engines.rollout import Generation, RolloutEngine, SamplingConfig
+from k2rl.engines.rollout import RolloutEngine
+from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights, greedy_decode
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.train import TokenBatch, TrainEngine
+from k2rl.engines.train import TrainEngine
+from k2rl.engines.types import TokenBatch
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
 

@@ -20,7 +20,7 @@ def nll(new_logprobs, batch):
 
 
 def test_muonclip_trains_with_fp32_master_and_clips(engine):
-    from k2rl.engines.train import TokenBatch
+    from k2rl.engines.types import TokenBatch
 
     assert all(p.dtype == torch.float32 and p.is_cuda for p in engine.model.parameters())
     assert engine.engine.torch_autocast_enabled() and engine.engine.torch_autocast_dtype() == torch.bfloat16
@@ -38,7 +38,7 @@ def test_muonclip_trains_with_fp32_master_and_clips(engine):
 
 
 def test_offload_leaves_the_device_and_reload_restores(engine):
-    from k2rl.engines.train import TokenBatch
+    from k2rl.engines.types import TokenBatch
 
     batch = TokenBatch.from_lists([[5, 6, 7, 8, 9, 10, 11, 12]])
     before = engine.logprobs(batch)[0]

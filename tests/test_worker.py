@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.rollout import SamplingConfig
-from k2rl.engines.train import TokenBatch
+from k2rl.engines.types import SamplingConfig
+from k2rl.engines.types import TokenBatch
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import greedy_decode
 from k2rl.worker import PhaseError, WorkerFailed, WorkerGroup

@@ -70,7 +70,7 @@ def _flag_overrides(args) -> list[str]:
 def _rollout(args, config, factory, tasks):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from k2rl.engines.rollout import SamplingConfig
+    from k2rl.engines.types import SamplingConfig
     from k2rl.model.chat import ChatTokenizer
     from k2rl.rollout import Limits, oracle_trajectory, run_episodes
 

@@ -19,42 +19,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+
+from k2rl.engines.types import Generation, SamplingConfig
 
 if TYPE_CHECKING:
     from k2rl.config import RolloutEngineConfig
 
 TAGS = ("weights", "kv_cache")
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int | list[int] = 256  # a list gives one budget per prompt
-    stop_token_ids: list[int] = field(default_factory=list)
-    n: int = 1
-    seed: int | list[int] | None = None  # per prompt: a list, or an int s giving prompt i the seed s + i
-    json_schema: dict | None = None  # constrain the output to this JSON Schema (vLLM structured outputs)
-
-    def per_prompt(self, count: int) -> list[tuple[int, int | None]]:
-        """(max_tokens, seed) for each of `count` prompts; list-valued fields must have one entry per prompt."""
-        budgets = self.max_tokens if isinstance(self.max_tokens, list) else [self.max_tokens] * count
-        seeds = (self.seed if isinstance(self.seed, list) else [None] * count if self.seed is None
-                 else [self.seed + i for i in range(count)])  # repeats of a prompt still sample anew
-        if len(budgets) != count or len(seeds) != count:
-            raise ValueError(f"{len(budgets)} max_tokens and {len(seeds)} seeds for {count} prompts")
-        return list(zip(budgets, seeds))
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # generated ids; with finish_reason "stop" the stop token is the last id
-    logprobs: list[float]  # one per token id: the sampled token's logprob under vLLM's policy
-    finish_reason: str  # "stop" | "length"
 
 
 class RolloutEngine:

@@ -1,9 +1,7 @@
 """The training side of a colocated worker: the K2 trainer model under DeepSpeed (ZeRO 1, 2 or 3).
 
-Batches are `TokenBatch`es: whole sequences (prompt + completion) as token ids, and beside them
-per-token tensors of the same length (`loss_mask`, and any `token_data` such as old logprobs or
-advantages) and per-sequence values (`seq_data`, e.g. rewards). Everything per token is aligned
-with `input_ids`: entry t belongs to token t, and a logprob at t is log p(token t | tokens < t), so
+Batches are `TokenBatch`es (k2rl.engines.types). Everything per token is aligned with
+`input_ids`: entry t belongs to token t, and a logprob at t is log p(token t | tokens < t), so
 position 0 has no logprob (0.0) and must be masked out.
 
 An RL loss is a function of the new policy's logprobs and the batch:
@@ -25,7 +23,6 @@ from __future__ import annotations
 import importlib.util
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,59 +30,9 @@ import torch.distributed as dist
 
 from k2rl.config import JobConfig
 from k2rl.engines.offload import PinnedOffloader
+from k2rl.engines.types import TokenBatch, concat_batches
 from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
-
-
-@dataclass
-class TokenBatch:
-    input_ids: list[torch.Tensor]  # per sequence, int64 [T_i]
-    loss_mask: list[torch.Tensor]  # per sequence, bool [T_i]; False at position 0
-    token_data: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # per sequence, [T_i]
-    seq_data: dict[str, torch.Tensor] = field(default_factory=dict)  # [num_sequences]
-
-    @classmethod
-    def from_lists(cls, input_ids: list[list[int]], loss_mask: list[list[bool]] | None = None, **token_data) -> TokenBatch:
-        """Build from plain lists; `loss_mask` defaults to every token after the first."""
-        ids = [torch.tensor(s, dtype=torch.long) for s in input_ids]
-        mask = ([torch.tensor(m, dtype=torch.bool) for m in loss_mask] if loss_mask is not None
-                else [torch.arange(len(s)) > 0 for s in ids])
-        extra = {k: [torch.as_tensor(v, dtype=torch.float32) for v in vals] for k, vals in token_data.items()}
-        return cls(ids, mask, extra)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def select(self, indices: list[int]) -> TokenBatch:
-        return TokenBatch([self.input_ids[i] for i in indices], [self.loss_mask[i] for i in indices],
-                          {k: [v[i] for i in indices] for k, v in self.token_data.items()},
-                          {k: v[indices] for k, v in self.seq_data.items()})
-
-    def shard(self, index: int, count: int) -> TokenBatch:
-        """Sequences index, index+count, ... : an even split across data-parallel ranks."""
-        return self.select(list(range(index, len(self), count)))
-
-    def to(self, device) -> TokenBatch:
-        return TokenBatch([t.to(device) for t in self.input_ids], [t.to(device) for t in self.loss_mask],
-                          {k: [t.to(device) for t in v] for k, v in self.token_data.items()},
-                          {k: v.to(device) for k, v in self.seq_data.items()})
-
-    def num_loss_tokens(self) -> int:
-        return int(sum(m.sum() for m in self.loss_mask))
-
-    def micro_batches(self, max_tokens: int) -> list[TokenBatch]:
-        """Greedy split in order, each at most `max_tokens` once padded (a longer sequence goes alone)."""
-        groups, current, longest = [], [], 0
-        for i, seq in enumerate(self.input_ids):
-            longest_if_added = max(longest, len(seq))
-            if current and longest_if_added * (len(current) + 1) > max_tokens:
-                groups.append(current)
-                current, longest_if_added = [], len(seq)
-            current.append(i)
-            longest = longest_if_added
-        if current:
-            groups.append(current)
-        return [self.select(g) for g in groups]
 
 
 LossFn = Callable[[list[torch.Tensor], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
@@ -334,10 +281,3 @@ class TrainEngine:
     def load_checkpoint(self, ckpt_dir) -> None:
         self._require_loaded("load_checkpoint")
         self.engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
-
-
-def concat_batches(batches: list[TokenBatch]) -> TokenBatch:
-    first = batches[0]
-    return TokenBatch([s for b in batches for s in b.input_ids], [m for b in batches for m in b.loss_mask],
-                      {k: [t for b in batches for t in b.token_data[k]] for k in first.token_data},
-                      {k: torch.cat([b.seq_data[k] for b in batches]) for k in first.seq_data})

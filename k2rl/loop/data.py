@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from k2rl.engines.train import TokenBatch
+from k2rl.engines.types import TokenBatch
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rollout.trajectory import Trajectory
 

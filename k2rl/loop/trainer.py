@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.train import concat_batches
-from k2rl.engines.rollout import SamplingConfig
+from k2rl.engines.types import SamplingConfig, concat_batches
 from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
 from k2rl.loop.metrics import MetricsLog

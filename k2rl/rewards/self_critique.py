@@ -27,7 +27,7 @@ class SelfCritiqueBackend:
         self.stats = CallStats()
 
     def complete_many(self, requests: list[ChatRequest]) -> list[Completion | LLMFailure]:
-        from k2rl.engines.rollout import SamplingConfig
+        from k2rl.engines.types import SamplingConfig
 
         self.stats.add(requests=len(requests))
         prompts = [self.tokenizer.encode_conversation(r.messages, add_generation_prompt=True) for r in requests]

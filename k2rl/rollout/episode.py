@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from k2rl.config import EnvConfig
-from k2rl.engines.rollout import Generation
+from k2rl.engines.types import Generation
 from k2rl.env.environment import CheckResult, Environment, StepResult
 from k2rl.env.task import Task
 from k2rl.model.chat import ChatTokenizer

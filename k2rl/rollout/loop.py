@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from dataclasses import replace
 
-from k2rl.engines.rollout import SamplingConfig
+from k2rl.engines.types import SamplingConfig
 from k2rl.env.environment import CheckResult, Environment
 from k2rl.env.task import Task
 from k2rl.model.chat import ChatTokenizer

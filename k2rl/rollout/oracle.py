@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from k2rl.engines.rollout import Generation
+from k2rl.engines.types import Generation
 from k2rl.env.environment import Environment
 from k2rl.env.task import SolutionTurn, Task
 from k2rl.model.chat import ChatTokenizer

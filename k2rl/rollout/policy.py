@@ -11,7 +11,7 @@ from typing import Protocol
 
 import openai
 
-from k2rl.engines.rollout import Generation, SamplingConfig
+from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.chat import ChatTokenizer
 
 

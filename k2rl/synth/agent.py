@@ -79,7 +79,7 @@ class EngineAgent:
         self._lock = threading.Lock()  # one engine, called from the stage's worker threads
 
     def turn(self, messages: list[dict], tools: list[Tool], seed: int) -> ParsedTurn:
-        from k2rl.engines.rollout import SamplingConfig
+        from k2rl.engines.types import SamplingConfig
 
         prompt = self.tokenizer.encode_conversation(messages, [t.declaration() for t in tools],
                                                     add_generation_prompt=True)
