@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from envs.common import Domain, ask, call, calls, fresh_id, milestone, refuse, say
+from envs.common import Domain, ask, asked_to_confirm, call, calls, fresh_id, milestone, refuse, say
 from k2rl.env import ToolError, tool
 
 CITIES = ["SFO", "JFK", "LAX", "ORD", "SEA", "BOS", "MIA", "DEN", "ATL", "AUS", "LHR", "CDG"]
@@ -161,15 +161,17 @@ def cancel(rng, state):
     f = state["flights"][state["reservations"][rid]["flight"]]
     confirms = rng.random() < 0.7
     question = say(f"Reservation {rid} will be cancelled and ${f['price']} refunded. Shall I proceed?")
+    # Either way the assistant must ask first: a "no" the assistant never asked for is no success.
     common = dict(goal="Please cancel my reservation.", user_info={"reservation id": rid}, user_confirms=confirms,
                   tags=["ask", "confirm" if confirms else "declined"])
     if not confirms:
         return dict(common, solution=[ask("reservation id"), calls(call("reservation", reservation_id=rid)), question,
-                                      say(f"OK, reservation {rid} stays booked.")], unchanged=True)
+                                      say(f"OK, reservation {rid} stays booked.")], unchanged=True,
+                    milestones=[asked_to_confirm()])
     return dict(common, solution=[ask("reservation id"), calls(call("reservation", reservation_id=rid)), question,
                                   calls(call("cancel", reservation_id=rid)), say(f"Reservation {rid} is cancelled.")],
                 expect={f"reservations.{rid}.status": "cancelled", "credit": state["credit"] + f["price"]},
-                milestones=[milestone("cancel", reservation_id=rid)])
+                milestones=[asked_to_confirm(), milestone("cancel", reservation_id=rid)])
 
 
 def change(rng, state):

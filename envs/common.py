@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from k2rl.env import Environment, Milestone, SolutionCall, SolutionTurn, Task, ToolError
-
-REFUSAL_WORDS = ["sorry", "cannot", "can't", "unable"]
+from k2rl.env.kinds import REFUSAL_WORDS, REFUSE_TAG
+from k2rl.env.user import CONFIRM_WORDS
 
 OFF_TOPIC = [
     "What will the weather be like tomorrow?", "Write me a poem about the sea.", "Which stocks should I buy?",
@@ -52,10 +52,15 @@ def said(*words: str) -> Milestone:
     return Milestone(say=list(words))
 
 
+def asked_to_confirm() -> Milestone:
+    """The assistant asked the user to confirm (in the words the rule user answers)."""
+    return Milestone(ask=list(CONFIRM_WORDS))
+
+
 def refuse(reason: str, *before: SolutionTurn) -> dict[str, Any]:
     """Task fields for a request that must be declined (after optional look-ups): nothing may change."""
     return dict(solution=[*before, say(f"Sorry, {reason}")], unchanged=True, milestones=[said(*REFUSAL_WORDS)],
-                tags=["refuse"])
+                tags=[REFUSE_TAG])
 
 
 def off_topic(rng: random.Random, state: dict) -> dict[str, Any]:

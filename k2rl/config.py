@@ -174,9 +174,11 @@ class JudgeConfig(Section):
 
 class RewardWeights(Section):
     verifiable: float = Field(1.0, description="end state right and every milestone met (0/1)")
-    process: float = Field(0.0, description="share of required milestones met")
+    process: float = Field(0.5, description="share of required milestones met: partial credit for partial work")
     rubric: float = Field(0.0, description="rubric judge score in [0, 1]")
     budget: float = Field(1.0, description="penalty when an episode ran out of token budget (truncated)")
+    wrong_refusal: float = Field(1.0, description="penalty when an action task (no \"refuse\" tag) is left undone "
+                                                  "with a refusal: declining must not pay (docs/rewards.md)")
 
 
 class RewardsConfig(Section):

@@ -90,7 +90,7 @@ class Environment:
         self.state = self.initial_state(task)
         self.start_state = copy.deepcopy(self.state)
         self.calls: list[tuple[str, dict]] = []  # successful calls, for milestones
-        self.last_reply = ""
+        self.replies: list[str] = []  # the assistant's messages to the user, in order
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": self.user.reset(task)}]
 
     def initial_state(self, task: Task) -> dict:
@@ -106,7 +106,7 @@ class Environment:
             result.tool_calls += 1
             result.observations.append({"role": "tool", "tool_call_id": call.id, "content": self._call(call, result)})
         if not turn.calls and not turn.errors:
-            self.last_reply = turn.content
+            self.replies.append(turn.content)
             answer = self.user.reply(turn.content)
             if answer is None:
                 result.done = True
@@ -150,8 +150,11 @@ class Environment:
 
     def _reached(self, milestone) -> bool:
         if milestone.say is not None:
-            reply = self.last_reply.lower()
+            reply = self.replies[-1].lower() if self.replies else ""
             return any(word.lower() in reply for word in milestone.say)
+        if milestone.ask is not None:
+            return any("?" in reply and any(word.lower() in reply.lower() for word in milestone.ask)
+                       for reply in self.replies)
         return any(name == milestone.tool and all(_same(args.get(k), v) for k, v in milestone.args.items())
                    for name, args in self.calls)
 

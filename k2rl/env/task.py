@@ -2,7 +2,8 @@
 
 Success is end-state based (ACEBench "end state"): every `expect` path holds in the final state (and
 with `unchanged`, nothing changed at all: the right answer was to refuse). Milestones give partial
-credit (ACEBench "process"): required calls, or words the final reply must contain.
+credit (ACEBench "process"): required calls, words the final reply must contain, or a question the
+assistant must ask. A task tagged "refuse" is a refuse task, any other an action task (`kind`).
 Tasks come from generators (built-in domains) or from a task file in JSONL or YAML.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from k2rl.env.kinds import Kind, task_kind
 from k2rl.validation import ValidationFailed, load_yaml, validate
 
 
@@ -22,22 +24,27 @@ class Strict(BaseModel):
 
 
 class Milestone(Strict):
-    """A required call (`tool` with an `args` subset) or a reply check (`say`: any of these words)."""
+    """A required call (`tool` with an `args` subset), a final-reply check (`say`: any of these words)
+    or a question put to the user (`ask`: some assistant message with a "?" and any of these words,
+    e.g. asking to confirm: a user's "no" only counts when the assistant asked)."""
 
     tool: str | None = None
     args: dict[str, Any] = {}
     say: list[str] | None = None
+    ask: list[str] | None = None
 
     @model_validator(mode="after")
     def _one_kind(self):
-        if (self.tool is None) == (self.say is None):
-            raise ValueError("a milestone has either `tool` (with optional `args`) or `say`")
+        if sum(x is not None for x in (self.tool, self.say, self.ask)) != 1:
+            raise ValueError("a milestone has exactly one of `tool` (with optional `args`), `say` or `ask`")
         return self
 
     @property
     def label(self) -> str:
         if self.say is not None:
             return "say:" + "|".join(self.say)
+        if self.ask is not None:
+            return "ask:" + "|".join(self.ask)
         return f"{self.tool}({json.dumps(self.args, sort_keys=True)})" if self.args else f"{self.tool}()"
 
 
@@ -55,7 +62,9 @@ class SolutionTurn(Strict):
 
 class Task(Strict):
     id: str
-    tags: list[str] = Field([], description="free labels, e.g. the scenario kind; eval reports success per tag")
+    tags: list[str] = Field([], description="free labels, e.g. the scenario kind; eval reports success per tag. "
+                                            "Tag \"refuse\" marks a task whose right answer is to decline (a refuse "
+                                            "task); any other task is an action task (k2rl.env.kinds)")
     goal: str = Field(description="what the user wants; the simulated user's opening message unless `message` is set")
     message: str | None = None
     persona: str = ""
@@ -69,6 +78,10 @@ class Task(Strict):
     token_budget: int | None = Field(None, gt=0)
     max_turns: int | None = Field(None, ge=1)
     solution: list[SolutionTurn] | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return task_kind(self.tags)
 
     @property
     def opening(self) -> str:

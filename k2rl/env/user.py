@@ -12,7 +12,8 @@ from typing import Protocol
 from k2rl.env.task import Task
 from k2rl.llm.base import ChatBackend, ChatRequest, LLMFailure
 
-_CONFIRM = re.compile(r"\b(confirm|proceed|go ahead|shall i|should i)\b")
+CONFIRM_WORDS = ["confirm", "proceed", "go ahead", "shall i", "should i"]  # a question with one asks to confirm
+_CONFIRM = re.compile(rf"\b({'|'.join(CONFIRM_WORDS)})\b")
 
 
 class User(Protocol):

@@ -8,9 +8,13 @@ from pathlib import Path
 PLOTS = {
     "reward.png": ("reward", ["reward/total", "reward/verifiable", "reward/rubric", "eval/success"]),
     "success.png": ("success rate", ["rollout/success", "eval/success"]),
+    "kinds.png": ("action-task success and wrong refusals (dashed: baselines)",
+                  ["eval/success_action", "eval/wrong_refusal", "rollout/success_action", "rollout/wrong_refusal"]),
     "time.png": ("seconds per phase", ["time/rollout", "time/judge", "time/train", "time/sync",
                                         "time/offload", "time/reload", "time/wake", "time/step"]),
 }
+
+BASELINE_PLOTS = {"success.png", "kinds.png"}  # with the model-free baselines' eval figures as dashed lines
 
 
 class MetricsLog:
@@ -61,6 +65,8 @@ class MetricsLog:
                 if points:
                     ax.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=key)
                     drawn = True
+            if filename in BASELINE_PLOTS:
+                drawn = self._baseline_lines(ax, keys) or drawn
             ax.set_title(title)
             ax.set_xlabel("step")
             if drawn:
@@ -68,6 +74,15 @@ class MetricsLog:
             fig.tight_layout()
             fig.savefig(self.plot_dir / filename, dpi=80)
             plt.close(fig)
+
+    def _baseline_lines(self, ax, keys: list[str]) -> bool:
+        """Horizontal lines for the baselines' eval figures (baseline/NAME/FIGURE, logged at step 0)."""
+        figures = {k.split("/", 1)[1] for k in keys if k.startswith("eval/")}
+        values = {k: v for r in self.rows for k, v in r.items()
+                  if k.startswith("baseline/") and k.rsplit("/", 1)[1] in figures and math.isfinite(v)}
+        for key, value in sorted(values.items()):
+            ax.axhline(value, linestyle="--", linewidth=1, color=f"C{len(ax.lines) % 10}", label=key)
+        return bool(values)
 
     def close(self) -> None:
         if self.writer is not None:

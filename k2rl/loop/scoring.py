@@ -5,7 +5,7 @@ import torch
 
 from k2rl.algo import batch_normalized, group_centered, group_normalized
 from k2rl.config import AlgorithmConfig, RewardWeights
-from k2rl.rewards.combine import Reward, RewardParts, combine, reward_metrics
+from k2rl.rewards.combine import Reward, combine, reward_metrics
 from k2rl.rewards.scorer import Episode, RubricScorer
 from k2rl.rollout.trajectory import Trajectory
 
@@ -18,7 +18,7 @@ def judge_episode(t: Trajectory, goal: str) -> Episode:
 def score(trajectories: list[Trajectory], goals: dict[str, str], samples_per_task: int, weights: RewardWeights,
           judge: RubricScorer | None) -> tuple[list[Reward], dict[str, float]]:
     """One reward per trajectory: verifiable end state, milestone process score, rubric score (when a
-    judge is configured; groups of K are compared pairwise if it is), budget penalty."""
+    judge is configured; groups of K are compared pairwise if it is), budget and wrong-refusal penalties."""
     rubric_scores: list[float | None] = [None] * len(trajectories)
     judge_metrics: dict[str, float] = {"reward/judge_failures": 0.0}
     if judge is not None:
@@ -27,9 +27,7 @@ def score(trajectories: list[Trajectory], goals: dict[str, str], samples_per_tas
         verdicts = judge.score_groups(groups)
         rubric_scores = [s.score for group in verdicts.scores for s in group]
         judge_metrics = verdicts.metrics()
-    rewards = [combine(RewardParts(verifiable=float(t.success), process=t.score, rubric=rubric,
-                                   over_budget=t.stats.end_reason == "budget"), weights)
-               for t, rubric in zip(trajectories, rubric_scores)]
+    rewards = [combine(t.reward_parts(rubric), weights) for t, rubric in zip(trajectories, rubric_scores)]
     metrics = reward_metrics(rewards, int(judge_metrics.pop("reward/judge_failures")))
     return rewards, {**metrics, **judge_metrics}
 

@@ -25,7 +25,8 @@ from k2rl.loop.scoring import advantages, score
 from k2rl.loop.tasks import TaskStream, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rewards.judge import make_judge
-from k2rl.rollout import Limits, oracle_trajectory, run_episodes, summarize
+from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize
+from k2rl.rollout.baselines import baselines_for
 from k2rl.algo import temperature_at
 
 
@@ -82,10 +83,10 @@ class Trainer:
         summary = summarize(trajectories)
         generated = sum(t.stats.generated_tokens for t in trajectories)
         return {
-            **reward_metrics,
-            "rollout/success": summary["success_rate"], "rollout/process_score": summary["process_score"],
+            **reward_metrics, **kind_metrics(summary, "rollout"),  # success (per kind), wrong_refusal, tool calls
+            "rollout/process_score": summary["process_score"],
             "rollout/avg_turns": summary["avg_turns"], "rollout/generated_tokens": summary["avg_generated_tokens"],
-            "rollout/truncated_rate": summary["truncated_rate"], "rollout/tool_call_validity": summary["tool_call_validity"],
+            "rollout/truncated_rate": summary["truncated_rate"],
             "rollout/env_failures": summary["env_failures"], "rollout/temperature": temperature,
             "rollout/length_tokens": sum(len(t.token_ids) for t in trajectories) / len(trajectories),
             **_prefixed(train_stats), **self._worker_stats(),
@@ -133,19 +134,31 @@ class Trainer:
         return out
 
     def evaluate(self) -> dict[str, float]:
-        """Greedy success on the held-out tasks."""
+        """Greedy rollouts on the held-out tasks: success overall and per task kind, wrong refusals, tool
+        calls, validity and the mean reward under the run's weights (no rubric part). At step 0 also the
+        model-free baselines on the same tasks (baseline/NAME/...), the bar a trained policy must clear."""
         if not self.eval_tasks:
             return {}
         t0 = time.perf_counter()
-        summary = summarize(self.rollout(self.eval_tasks, 1, 0.0))
-        return {"eval/success": summary["success_rate"], "eval/process_score": summary["process_score"],
-                "eval/tool_call_validity": summary["tool_call_validity"], "time/eval": time.perf_counter() - t0}
+        summary = summarize(self.rollout(self.eval_tasks, 1, 0.0), self.config.rewards.weights)
+        metrics = {**kind_metrics(summary, "eval"), "eval/process_score": summary["process_score"],
+                   "time/eval": time.perf_counter() - t0}
+        if self.step == 0:
+            metrics.update(self.baseline_metrics())
+        return metrics
+
+    def baseline_metrics(self) -> dict[str, float]:
+        """baseline/{refuse,nothing,oracle}/... on the held-out tasks (oracle when every task has a solution)."""
+        return {k: v for name in baselines_for(self.eval_tasks) for k, v in kind_metrics(
+            summarize(run_baseline(name, self.chat, self.make_env, self.eval_tasks, self.limits),
+                      self.config.rewards.weights), f"baseline/{name}").items()}
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def _save_rollouts(self, trajectories, rewards) -> None:
         keep = self.config.logging.rollouts_per_step
-        records = [{"task_id": t.task_id, "sample": t.sample, "reward": r.total, "components": r.components,
-                    "success": t.success, "messages": t.messages, "stats": t.to_dict()["stats"]}
+        records = [{"task_id": t.task_id, "sample": t.sample, "tags": t.tags, "kind": t.kind, "reward": r.total,
+                    "components": r.components, "success": t.success, "wrong_refusal": t.wrong_refusal,
+                    "messages": t.messages, "stats": t.to_dict()["stats"]}
                    for t, r in list(zip(trajectories, rewards))[:keep]]
         self.run_dir.write_rollouts(self.step, records)
 

@@ -1,5 +1,6 @@
 """One scalar reward per episode from its parts, weighted by `rewards.weights` (config, or a task's
-own weights): verifiable end state + process (milestones) + rubric score - budget penalty.
+own weights): verifiable end state + process (milestones) + rubric score - budget penalty - wrong-refusal
+penalty (an action task declined: see docs/rewards.md for why refusing must not pay).
 
 A part a task does not have (no checker, judge off) is None: it adds nothing and is left out of that
 part's logged mean. Every part is logged per step as reward/NAME, unweighted, beside reward/total.
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from k2rl.config import RewardWeights
 
-PARTS = ("verifiable", "process", "rubric", "budget")
+PARTS = ("verifiable", "process", "rubric", "budget", "wrong_refusal")
 
 
 @dataclass(frozen=True)
@@ -19,18 +20,22 @@ class RewardParts:
     process: float | None = None  # share of required milestone calls made, in [0, 1]
     rubric: float | None = None  # judge score, in [0, 1]
     over_budget: bool = False  # the response hit the task's token budget and was truncated (K2)
+    wrong_refusal: bool | None = None  # an action task left undone with a refusal (None: task kind unknown)
 
 
 @dataclass(frozen=True)
 class Reward:
     total: float
-    components: dict[str, float]  # unweighted parts present: verifiable, process, rubric, budget (0 or -1)
+    components: dict[str, float]  # unweighted parts present: verifiable, process, rubric, budget (0 or -1),
+    # wrong_refusal (0 or -1)
 
 
 def combine(parts: RewardParts, weights: RewardWeights) -> Reward:
     components = {name: getattr(parts, name) for name in ("verifiable", "process", "rubric")
                   if getattr(parts, name) is not None}
     components["budget"] = -1.0 if parts.over_budget else 0.0
+    if parts.wrong_refusal is not None:
+        components["wrong_refusal"] = -1.0 if parts.wrong_refusal else 0.0
     total = sum(getattr(weights, name) * value for name, value in components.items())
     return Reward(total, components)
 

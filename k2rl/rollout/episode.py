@@ -131,7 +131,8 @@ class Episode:
         self.stats.errors = dict(self.errors)
         return Trajectory(task_id=self.task.id, env=self.env.name, token_ids=self.token_ids, loss_mask=self.loss_mask,
                           logprobs=self.logprobs, prompt_len=self.prompt_len, messages=self.messages, tools=self.tools,
-                          result=result, stats=self.stats, rubric=self.task.rubric, sample=self.sample)
+                          result=result, stats=self.stats, rubric=self.task.rubric, sample=self.sample,
+                          tags=list(self.task.tags))
 
     # ---- helpers -------------------------------------------------------------------------------
     def _observe(self, messages: list[dict], generation_prompt: bool) -> None:

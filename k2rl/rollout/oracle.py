@@ -28,6 +28,11 @@ def solution_message(turn: SolutionTurn, first_call_index: int) -> dict:
     return message
 
 
+def assistant_ids(chat: ChatTokenizer, message: dict) -> list[int]:
+    """The ids a model would generate for this assistant message (after the generation prompt, with the stop id)."""
+    return chat.encode(render_message(message)[len(GENERATION_PROMPT):])
+
+
 def oracle_trajectory(env: Environment, task: Task, chat: ChatTokenizer, limits: Limits = Limits()) -> Trajectory:
     """Play `task.solution` in `env`; the trajectory's check says whether the oracle solved the task."""
     if task.solution is None:
@@ -38,8 +43,7 @@ def oracle_trajectory(env: Environment, task: Task, chat: ChatTokenizer, limits:
     for turn in task.solution:
         if episode.finished:
             break
-        text = render_message(solution_message(turn, calls_made))[len(GENERATION_PROMPT):]
-        ids = chat.encode(text)
+        ids = assistant_ids(chat, solution_message(turn, calls_made))
         episode.advance(Generation(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))
         calls_made += len(turn.calls)
     episode.end("oracle_exhausted")

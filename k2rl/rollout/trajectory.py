@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from k2rl.env.environment import CheckResult
+from k2rl.env.kinds import Kind, reads_as_refusal, task_kind
+from k2rl.rewards.combine import RewardParts
 
 
 @dataclass
@@ -39,14 +41,35 @@ class Trajectory:
     stats: EpisodeStats
     rubric: str | dict | None = None
     sample: int = 0  # index among the samples of the same task
+    tags: list[str] = field(default_factory=list)  # the task's tags: its kind survives in episode files
 
     @property
     def success(self) -> bool:
         return self.result.success
 
     @property
+    def kind(self) -> Kind:
+        return task_kind(self.tags)
+
+    @property
+    def final_reply(self) -> str:
+        """The last assistant message's text ("" when there is none)."""
+        replies = [m.get("content") or "" for m in self.messages if m["role"] == "assistant"]
+        return replies[-1] if replies else ""
+
+    @property
+    def wrong_refusal(self) -> bool:
+        """An action task left undone whose final assistant reply reads as a refusal."""
+        return self.kind == "action" and not self.success and reads_as_refusal(self.final_reply)
+
+    @property
     def score(self) -> float:
         return self.result.score
+
+    def reward_parts(self, rubric: float | None = None) -> RewardParts:
+        """What the reward combines for this episode (the rubric score comes from the judge, if any)."""
+        return RewardParts(verifiable=float(self.success), process=self.score, rubric=rubric,
+                           over_budget=self.stats.end_reason == "budget", wrong_refusal=self.wrong_refusal)
 
     def to_dict(self) -> dict:
         return asdict(self)
