@@ -189,13 +189,13 @@ class Worker:
 
 
 def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) -> tuple[int, float]:
-    """Stream the trainer's weights into vLLM (buckets from the trainer, one in-place reload in vLLM,
-    no copy in between); returns (bytes moved, seconds)."""
+    """Stream the trainer's weights into vLLM (buckets from the trainer, cast to vLLM's dtype on the
+    way out, one in-place reload in vLLM); returns (bytes moved, seconds)."""
     moved = 0
 
     def stream():
         nonlocal moved
-        for bucket in train.export_weights(bucket_bytes):
+        for bucket in train.export_weights(bucket_bytes, rollout.dtype):
             for name, tensor in bucket:
                 moved += tensor.numel() * tensor.element_size()
                 yield name, tensor

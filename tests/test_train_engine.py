@@ -51,6 +51,26 @@ def test_export_buckets_are_bounded_and_complete(engine, tiny_model_dir):
     torch.testing.assert_close(got, ref)  # before any step the weights are the checkpoint's
 
 
+def test_export_in_rollout_dtype_casts_each_bucket_into_one_buffer(engine, tiny_model_dir):
+    bucket_bytes = 100_000
+    buckets = list(engine.export_weights(bucket_bytes, torch.bfloat16))
+    ref = dict(export_weights(load_model(tiny_model_dir)))
+    got = {n: t for bucket in buckets for n, t in bucket}
+    assert got.keys() == ref.keys()
+    for name, tensor in got.items():
+        keep = name.endswith("e_score_correction_bias")  # vLLM holds the router bias in fp32
+        assert tensor.dtype == (torch.float32 if keep else torch.bfloat16), name
+        torch.testing.assert_close(tensor, ref[name].to(tensor.dtype), rtol=0, atol=0)
+    live = {p.untyped_storage().data_ptr() for p in engine.model.parameters()}
+    largest = max(p.numel() * 2 for p in engine.model.parameters())  # a bigger weight goes alone
+    for bucket in buckets:
+        storages = {t.untyped_storage().data_ptr() for _, t in bucket}
+        assert not storages & live  # copies, not the live fp32 weights
+        assert len(storages) <= 2  # one flat buffer per dtype in the bucket
+        nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+        assert nbytes <= max(bucket_bytes, largest)
+
+
 def test_train_step_learns_and_checkpoint_round_trips(engine, tmp_path):
     batch = TokenBatch.from_lists(SEQS)
     before = sum(float(lp.sum()) for lp in engine.logprobs(batch))

@@ -41,6 +41,7 @@ class RolloutEngine:
 
         self.on_gpu = torch.cuda.is_available()
         self.sleep_level = sleep_level
+        self.dtype = getattr(torch, dtype)  # what the trainer exports in (`sync_weights`)
         # Compact JSON under a schema: without it a weak policy (self-critique) spends its whole
         # budget on whitespace between keys. xgrammar is the backend that honours the switch.
         kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,

@@ -203,27 +203,32 @@ class TrainEngine:
         return {k: float(v) / self.world for k, v in zip(keys, values.tolist())}
 
     # ---- weights out -----------------------------------------------------------------------------
-    def export_weights(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Buckets of full tensors in checkpoint names; ZeRO-3 gathers one bucket's parameters at a time.
+    def export_weights(self, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Buckets of full tensors in checkpoint names, in `dtype` (the rollout's; None: as trained);
+        ZeRO-3 gathers one bucket's parameters at a time.
 
-        All ranks must iterate to the end together (the ZeRO-3 gathers are collective). Under ZeRO-3
-        a bucket's tensors are copies, valid after the next bucket is gathered; otherwise they are views
-        of the live weights.
+        All ranks must iterate to the end together (the ZeRO-3 gathers are collective). In the weights'
+        own dtype a bucket's tensors are views of the live weights (ZeRO-3: copies, valid after the next
+        bucket is gathered). In another dtype (fp32 master -> bf16 vLLM) each bucket is cast straight
+        from the trainer's buffers into one fresh flat buffer of at most `bucket_bytes`, so the sync
+        moves half the bytes and holds about one bucket beyond the weights. The router's correction
+        bias stays in the trainer's precision: vLLM keeps it in fp32.
         """
-        for group in self._param_groups(bucket_bytes):
+        for group in self._param_groups(bucket_bytes, dtype):
             if self.zero3:
                 import deepspeed
 
                 params = [t for _, t in group if hasattr(t, "ds_id")]
                 with deepspeed.zero.GatheredParameters(params):
-                    yield [(n, t.detach().clone()) for n, t in to_checkpoint_names(group)]
+                    yield _bucket(to_checkpoint_names(group), dtype, always_copy=True)
             else:
-                yield [(n, t.detach()) for n, t in to_checkpoint_names(group)]
+                yield _bucket(to_checkpoint_names(group), dtype, always_copy=False)
 
-    def _param_groups(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def _param_groups(self, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         group, size = [], 0
         for name, tensor in trainable_state(self.model):
-            nbytes = (tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()) * tensor.element_size()
+            numel = tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()
+            nbytes = numel * _export_dtype(name, tensor, dtype).itemsize
             if group and size + nbytes > bucket_bytes:
                 yield group
                 group, size = [], 0
@@ -281,3 +286,27 @@ class TrainEngine:
     def load_checkpoint(self, ckpt_dir) -> None:
         self._require_loaded("load_checkpoint")
         self.engine.load_checkpoint(str(Path(ckpt_dir) / "deepspeed"), tag="state")
+
+
+def _export_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a weight leaves the trainer in: `dtype`, except the router's correction bias."""
+    return tensor.dtype if dtype is None or name.endswith("e_score_correction_bias") else dtype
+
+
+def _bucket(named, dtype: torch.dtype | None, always_copy: bool) -> list[tuple[str, torch.Tensor]]:
+    """One bucket's tensors: views of the weights where nothing needs casting or copying, else views
+    of one flat buffer per dtype the weights are cast/copied into."""
+    named = [(n, t.detach()) for n, t in named]
+    targets = [_export_dtype(n, t, dtype) for n, t in named]
+    if not always_copy and all(t.dtype == d for (_, t), d in zip(named, targets)):
+        return named
+    flats = {d: torch.empty(sum(t.numel() for (_, t), td in zip(named, targets) if td == d), dtype=d,
+                            device=named[0][1].device) for d in set(targets)}
+    offsets = dict.fromkeys(flats, 0)
+    out = []
+    for (name, tensor), d in zip(named, targets):
+        view = flats[d][offsets[d]:offsets[d] + tensor.numel()].view(tensor.shape)
+        view.copy_(tensor)
+        offsets[d] += tensor.numel()
+        out.append((name, view))
+    return out

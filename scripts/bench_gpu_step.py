@@ -1,0 +1,249 @@
+"""One colocated RL step on the H200, measured against baselines taken in the same run (issue 12):
+
+- rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
+  `LLM` with the same settings, on the same prompts and sampling: tokens/s;
+- train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
+  transformers with grouped_mm experts (bf16, fused AdamW), on the same batch: tokens/s and MFU
+  (6 x active params x tokens / 790 TFLOP/s; active = all parameters minus the input embedding and
+  the routed experts a token does not use; attention scores and recomputation not counted);
+- sync: trainer -> vLLM GB/s vs a device copy of the same bytes;
+- sleep / wake / offload / reload times and GPU memory in each phase (second round trip: the first
+  offload pins host memory);
+- the vLLM-trainer logprob gap on the sampled tokens, before and after a train step + sync.
+
+    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--json OUT.json]
+
+On a CPU it runs as a smoke test of the same code (k2-tiny, fp32, no sleep mode, no baselines that
+need CUDA): python scripts/bench_gpu_step.py --preset k2-tiny --prompts 8 --new-tokens 16
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import tempfile
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if ON_GPU else "cpu")
+PEAK_TFLOPS = 790.0  # H200 dense bf16, measured (PLATFORM.md)
+
+
+def used_gib() -> float:
+    if not ON_GPU:
+        return 0.0
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+def timed(fn):
+    if ON_GPU:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if ON_GPU:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def active_params(config) -> int:
+    """Parameters one token's forward touches, less the input embedding (a lookup)."""
+    from k2rl.model.modeling import build_model
+
+    with torch.device("meta"):
+        model = build_model(config)
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.model.embed_tokens.weight.numel()
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    return int(total - embed - routed * (1 - config.num_experts_per_tok / config.n_routed_experts))
+
+
+def job_config(args):
+    from k2rl.config import load_config
+
+    overrides = [f"rollout.enforce_eager={str(args.eager).lower()}"]
+    if not ON_GPU:
+        overrides += ["model.dtype=float32", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=1024"]
+    return load_config(args.config, overrides)
+
+
+def to_batch(prompts, generations):
+    from k2rl.engines.types import TokenBatch
+
+    ids, mask, lps = [], [], []
+    for prompt, (g,) in zip(prompts, generations):
+        ids.append(prompt + g.token_ids)
+        mask.append([False] * len(prompt) + [True] * len(g.token_ids))
+        lps.append([0.0] * len(prompt) + g.logprobs)
+    return TokenBatch.from_lists(ids, mask, rollout_logprobs=lps)
+
+
+def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
+    """Mean and max |vLLM - trainer| logprob over the batch's sampled tokens (the worker's own metric)."""
+    worker.logprobs(batch)
+    stats = worker.stats()
+    return {f"{prefix}_mean": stats["mismatch/logprob_abs"], f"{prefix}_max": stats["mismatch/logprob_abs_max"]}
+
+
+def nll(new_logprobs, batch):
+    mask = torch.cat(batch.loss_mask).float()
+    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
+
+
+def standalone_tokens_per_s(model_dir, job, prompts, sampling) -> float:
+    """Plain vLLM, as a user would start it, with the rollout engine's settings; freed afterwards."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    r = job.rollout
+    kwargs = dict(model=str(model_dir), dtype=job.model.dtype, seed=job.run.seed, max_model_len=r.max_model_len,
+                  enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization)
+    if r.kv_cache_memory_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes
+    llm = LLM(**kwargs)
+    params = [SamplingParams(temperature=sampling.temperature, max_tokens=budget, seed=seed, logprobs=0, detokenize=False)
+              for budget, seed in sampling.per_prompt(len(prompts))]
+    token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(token_prompts[:8], params[:8], use_tqdm=False)  # warm-up
+    outs, seconds = timed(lambda: llm.generate(token_prompts, params, use_tqdm=False))
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm
+    gc.collect()
+    return tokens / seconds
+
+
+def grouped_mm_tokens_per_s(model_dir, batch, steps: int = 3) -> float:
+    """transformers' own DeepseekV3 with grouped_mm experts: bf16, gradient checkpointing, fused AdamW."""
+    from k2rl.model.checkpoint import load_config
+    from transformers import DeepseekV3ForCausalLM
+
+    config = load_config(model_dir)
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = "grouped_mm"
+    with torch.device("cuda"):
+        model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
+    ids = torch.nn.utils.rnn.pad_sequence(batch.input_ids, batch_first=True).cuda()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    _, seconds = timed(lambda: [step() for _ in range(steps)])
+    del model, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ids.numel() * steps / seconds
+
+
+def device_copy_gb_per_s(nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _, seconds = timed(lambda: dst.copy_(src))
+    del src, dst
+    torch.cuda.empty_cache()
+    return nbytes / seconds / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/k2-mini-1gpu.yaml")
+    ap.add_argument("--preset", default=None, help="model preset (default: the config's)")
+    ap.add_argument("--model-dir", default=None, help="an existing model directory of that preset (else one is built)")
+    ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (enforce_eager)")
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--train-seqs", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    from k2rl.engines.types import SamplingConfig, TokenBatch
+    from k2rl.model.build import make_model
+    from k2rl.model.checkpoint import load_config
+    from k2rl.worker import Worker
+
+    job = job_config(args)
+    preset = args.preset or job.model.preset
+    out: dict[str, float | str] = {"preset": preset, "cuda_graphs": str(not job.rollout.enforce_eager)}
+    model_dir = args.model_dir or make_model(preset, tempfile.mkdtemp(prefix="bench-gpu-step-"), seed=0)
+    config = load_config(model_dir)
+    vocab = config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(20, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
+    sampling = SamplingConfig(temperature=1.0, max_tokens=args.new_tokens, seed=1)
+    train_batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.train_seqs, args.seq_len), generator=gen).tolist())
+    memory = {"memory/start": used_gib()}
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Worker(0, 1)
+    _, out["time/setup"] = timed(lambda: worker.setup(str(model_dir), job.model_dump(mode="json"), ("127.0.0.1", port)))
+    out.update({k: v for k, v in worker.stats().items() if k.startswith("time/")})
+    memory["memory/rollout"] = used_gib()
+
+    worker.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
+    first, seconds = timed(lambda: worker.generate(prompts, sampling))
+    out["rollout/tokens_per_s"] = sum(len(g.token_ids) for (g,) in first) / seconds
+
+    for round_trip in range(2):  # the second is the steady state
+        worker.to_train()
+        memory["memory/train_idle"] = used_gib()
+        switch = worker.stats()
+        if round_trip == 0:
+            out.update(logprob_gap(worker, to_batch(prompts, first), "gap/before"))
+            worker.train_step(train_batch, nll)  # warm-up (and the update the gap is measured after)
+            worker.stats()
+        _, seconds = timed(lambda: worker.train_step(train_batch, nll))
+        memory["memory/train_step_peak_torch"] = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
+        worker.to_rollout()
+        switch.update(worker.stats())
+    tokens = sum(len(s) for s in train_batch.input_ids)
+    out["train/tokens_per_s"] = tokens / seconds
+    out["train/mfu"] = 6 * active_params(config) * tokens / seconds / (PEAK_TFLOPS * 1e12)
+    out.update({k: switch[k] for k in ("time/sleep", "time/reload", "time/wake", "time/sync", "time/offload",
+                                       "sync/bytes", "sync/gb_per_s") if k in switch})
+    memory["memory/rollout_after_sync"] = used_gib()
+
+    after, seconds = timed(lambda: worker.generate(prompts, sampling))
+    out["rollout/tokens_per_s_after_reload"] = sum(len(g.token_ids) for (g,) in after) / seconds
+    worker.to_train()
+    out.update(logprob_gap(worker, to_batch(prompts, after), "gap/after_step_sync"))
+
+    if ON_GPU:
+        out["sync/device_copy_gb_per_s"] = device_copy_gb_per_s(int(out["sync/bytes"]))
+        worker.train.offload()  # leave the GPU to the baselines (vLLM already sleeps in TRAIN)
+        memory["memory/all_offloaded"] = used_gib()
+        out["baseline/grouped_mm_tokens_per_s"] = grouped_mm_tokens_per_s(model_dir, train_batch)
+        out["baseline/grouped_mm_mfu"] = (6 * active_params(config) * out["baseline/grouped_mm_tokens_per_s"]
+                                          / (PEAK_TFLOPS * 1e12))
+        out["baseline/standalone_vllm_tokens_per_s"] = standalone_tokens_per_s(model_dir, job, prompts, sampling)
+        out["rollout/vs_standalone"] = out["rollout/tokens_per_s"] / out["baseline/standalone_vllm_tokens_per_s"]
+        out["train/vs_grouped_mm"] = out["train/tokens_per_s"] / out["baseline/grouped_mm_tokens_per_s"]
+        out["sync/vs_device_copy"] = out["sync/gb_per_s"] / out["sync/device_copy_gb_per_s"]
+    out.update(memory)
+    width = max(len(k) for k in out)
+    for k, v in out.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

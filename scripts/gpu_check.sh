@@ -1,0 +1,38 @@
+#!/bin/bash
+# The GPU checks of issue 12 on the device machine, from an unpacked site (PLATFORM.md, "vLLM on the
+# GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis.
+#   bash scripts/gpu_check.sh [tests|bench|gap|all] [LOG_DIR]     (default: all, logs in $OUT or ./gpu-logs)
+# Each part fits one 10-minute device call; the k2-mini model is built once per machine (/tmp/k2-mini).
+set -uo pipefail
+PART=${1:-all}
+LOGS=${2:-${OUT:-gpu-logs}}
+mkdir -p "$LOGS"
+[ -f /tmp/site/env.sh ] && . /tmp/site/env.sh
+export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+MODEL=/tmp/k2-mini
+build_model() {
+  [ -f $MODEL/config.json ] || python3 -c "from k2rl.model.build import make_model; make_model('k2-mini', '$MODEL', seed=0)"
+}
+status=0
+if [[ $PART == tests || $PART == all ]]; then
+  build_model > "$LOGS/make_model.log" 2>&1 &
+  builder=$!
+  # One process per engine configuration: vLLM engines of one process share its distributed state.
+  for t in "tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs" \
+           tests/test_worker_gpu.py tests/test_train_engine_gpu.py; do
+    echo "== pytest $t" | tee -a "$LOGS/tests.log"
+    python3 -m pytest -x -q -p no:cacheprovider $t 2>&1 | grep -v "WARNING\|INFO\|Warning" | tail -25 | tee -a "$LOGS/tests.log" || status=1
+  done
+  wait $builder || status=1
+fi
+if [[ $PART == bench || $PART == all ]]; then
+  build_model
+  python3 scripts/bench_gpu_step.py --model-dir $MODEL --json "$LOGS/bench.json" > "$LOGS/bench.log" 2>&1 || status=1
+  grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/bench.log" | tail -45
+fi
+if [[ $PART == gap || $PART == all ]]; then
+  build_model
+  python3 scripts/gpu_gap.py $MODEL > "$LOGS/gap.log" 2>&1 || status=1
+  grep -E "^\[|^layer|Error|error" "$LOGS/gap.log" | tail -40
+fi
+exit $status

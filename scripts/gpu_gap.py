@@ -1,0 +1,121 @@
+"""Where the vLLM-trainer logprob gap comes from (issue 12, item 2), on one model directory:
+
+1. the whole-model gap (sampled tokens, as `k2rl.model.agreement`) for vLLM as configured and with the
+   router's logits in fp32 (`moe_router_dtype`), against the trainer in bf16 weights and in the
+   training set-up (fp32 weights, bf16 autocast);
+2. MoE layer by layer, isolated: each MoE layer's input is captured inside vLLM (forward hooks, one
+   prefill) and fed to the trainer's same layer, so the difference is that layer's alone: relative
+   error of the output, router-logit difference, and the share of tokens whose top-k expert sets agree.
+
+    python scripts/gpu_gap.py MODEL_DIR [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+
+CAPTURED: dict[str, list] = {}
+
+
+def _hook_moe(worker) -> int:
+    """Inside vLLM's worker: record each MoE layer's input/output and its router logits."""
+    model = worker.model_runner.model
+    count = 0
+    for i, layer in enumerate(model.model.layers):
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None or not hasattr(mlp, "gate"):
+            continue
+        mlp.register_forward_hook(lambda m, inp, out, i=i: CAPTURED.setdefault(f"mlp{i}", []).append(
+            (inp[0].detach().clone(), out.detach().clone())))
+        mlp.gate.register_forward_hook(lambda m, inp, out, i=i: CAPTURED.setdefault(f"gate{i}", []).append(
+            (out[0] if isinstance(out, tuple) else out).detach().float().clone()))
+        count += 1
+    return count
+
+
+def sampled_gap(llm, trainer, prompts, tokens: int, autocast: bool) -> tuple[float, float]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from k2rl.model.modeling import completion_logprobs
+
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                        SamplingParams(max_tokens=tokens, temperature=1.0, logprobs=0, seed=0, ignore_eos=True),
+                        use_tqdm=False)
+    gaps = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        for prompt, out in zip(prompts, outs):
+            s = out.outputs[0]
+            vllm_lp = torch.tensor([step[t].logprob for step, t in zip(s.logprobs, s.token_ids)])
+            gaps.append((completion_logprobs(trainer, prompt, list(s.token_ids)) - vllm_lp).abs())
+    gap = torch.cat(gaps)
+    return gap.mean().item(), gap.max().item()
+
+
+def moe_layers_report(llm, trainer, prompt) -> None:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    CAPTURED.clear()
+    llm.collective_rpc(_hook_moe)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(max_tokens=1), use_tqdm=False)
+    layers = trainer.model.layers
+    for key in sorted((k for k in CAPTURED if k.startswith("mlp")), key=lambda k: int(k[3:])):
+        i = int(key[3:])
+        x, out_vllm = CAPTURED[key][0]
+        logits_vllm = CAPTURED[f"gate{i}"][0]
+        mlp = layers[i].mlp
+        with torch.no_grad():
+            out_trainer = mlp(x[None].to(next(mlp.parameters()).dtype))[0].float()
+            logits_trainer = torch.nn.functional.linear(x.float(), mlp.gate.weight.float())
+            _, _, topk_trainer = mlp.gate(x)
+        rel = ((out_vllm.float() - out_trainer).norm() / out_trainer.norm()).item()
+        scores = logits_vllm.sigmoid() + mlp.gate.e_score_correction_bias
+        topk_vllm = scores.topk(mlp.gate.top_k, dim=-1).indices
+        same = (topk_vllm.sort(-1).values == topk_trainer.sort(-1).values).all(-1).float().mean().item()
+        print(f"layer {i:2d} MoE: output rel err {rel:.3e}  router logits max|diff| "
+              f"{(logits_vllm - logits_trainer).abs().max().item():.3e}  (dtype in vLLM {CAPTURED[f'gate{i}'][0].dtype})"
+              f"  same top-k set {same:.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    from vllm import LLM
+
+    from k2rl.model.agreement import vllm_engine_args
+    from k2rl.model.checkpoint import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    trainer_low = load_model(args.model_dir, dtype).eval().to(device)
+    trainer_fp32 = load_model(args.model_dir, torch.float32).eval().to(device) if dtype != torch.float32 else None
+    gen = torch.Generator().manual_seed(0)
+    vocab = trainer_low.config.vocab_size
+    prompts = [torch.randint(20, vocab, (8,), generator=gen).tolist() for _ in range(args.prompts)]
+    for name, overrides in [("vLLM as configured", {}), ("router logits fp32", {"moe_router_dtype": "float32"})]:
+        llm = LLM(**vllm_engine_args(args.model_dir, args.dtype, hf_overrides=overrides, gpu_memory_utilization=0.3,
+                                     kv_cache_memory_bytes=2 << 30))
+        mean, top = sampled_gap(llm, trainer_low, prompts, args.tokens, autocast=False)
+        print(f"[{name}] gap vs trainer ({args.dtype} weights): mean {mean:.4g} max {top:.4g}", flush=True)
+        if trainer_fp32 is not None:
+            mean, top = sampled_gap(llm, trainer_fp32, prompts, args.tokens, autocast=True)
+            print(f"[{name}] gap vs trainer (fp32 weights, bf16 autocast): mean {mean:.4g} max {top:.4g}", flush=True)
+        moe_layers_report(llm, trainer_low, prompts[0] * 4)
+        del llm
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
