@@ -35,8 +35,8 @@ def _metrics(run: Path) -> list[dict]:
 
 
 EVERY_STEP = {
-    "reward/total", "reward/verifiable", "reward/process", "reward/budget", "reward/judge_failures",
-    "rollout/success", "rollout/process_score", "rollout/avg_turns", "rollout/generated_tokens",
+    "reward/total", "reward/verifiable", "reward/process", "reward/budget", "reward/wrong_refusal",
+    "reward/judge_failures", "rollout/success", "rollout/wrong_refusal", "rollout/tool_calls", "rollout/process_score", "rollout/avg_turns", "rollout/generated_tokens",
     "rollout/truncated_rate", "rollout/tool_call_validity", "rollout/temperature", "rollout/length_tokens",
     "mismatch/logprob_abs", "attn/max_logit", "attn/clipped_heads", "train/loss", "train/grad_norm", "train/lr",
     "time/rollout", "time/judge", "time/train", "time/sync", "time/offload", "time/reload", "time/wake",
@@ -57,11 +57,15 @@ def test_short_run_writes_the_whole_run_directory(tiny_model_dir, tmp_path):
     rows = _metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "eval/success" in rows[0] and "eval/success" in rows[2]
+    per_kind = {"eval/wrong_refusal", "eval/tool_calls", "eval/tool_call_validity", "eval/reward"}
+    baselines = {f"baseline/{b}/{k}" for b in ("refuse", "nothing", "oracle") for k in ("success", "wrong_refusal")}
+    assert per_kind | baselines <= set(rows[0]) and per_kind <= set(rows[2])
+    assert rows[0]["baseline/refuse/wrong_refusal"] == 1.0 and rows[0]["baseline/oracle/success"] == 1.0
     for row in rows[1:]:
         assert EVERY_STEP | {"loss/ptx", "loss/kl", "loss/clip_frac", "time/reference"} <= set(row), EVERY_STEP - set(row)
         assert row["mismatch/logprob_abs"] < 5e-3
     assert (run / "config.yaml").exists() and (run / "rollouts" / "step_1.jsonl").exists()
-    assert {p.name for p in (run / "plots").iterdir()} >= {"reward.png", "success.png", "time.png"}
+    assert {p.name for p in (run / "plots").iterdir()} >= {"reward.png", "success.png", "kinds.png", "time.png"}
     assert any((run / "tensorboard").iterdir())
     latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step_2" and json.loads((latest / "trainer_state.json").read_text())["step"] == 2

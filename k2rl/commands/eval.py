@@ -10,7 +10,8 @@ from pathlib import Path
 from k2rl.rollout.baselines import BASELINES
 
 NAME = "eval"
-HELP = "run an environment's tasks with a model (local dir or OpenAI-compatible URL) and report success"
+HELP = ("run an environment's tasks with a model (local dir or OpenAI-compatible URL) and report success per task "
+        "kind beside the model-free baselines (refuse, nothing, oracle)")
 
 
 def add_arguments(parser) -> None:
