@@ -48,7 +48,7 @@ class RolloutEngineConfig(Section):
 class TrainEngineConfig(Section):
     """DeepSpeed engine settings."""
 
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage; MuonClip needs 0, AdamW runs under any")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (MuonClip and AdamW run under any; 1-3 shard optimizer state, 3 the weights too)")
     micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward/backward; gradients accumulate over micro-batches")
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
@@ -212,14 +212,6 @@ class JobConfig(Section):
     rewards: RewardsConfig = RewardsConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     logging: LoggingConfig = LoggingConfig()
-
-    @model_validator(mode="after")
-    def _muonclip_needs_whole_matrices(self):
-        if self.optimizer.name == "muonclip" and self.train.zero_stage != 0:
-            raise ValueError(f"optimizer.name 'muonclip' needs train.zero_stage 0 (got {self.train.zero_stage}): "
-                             "Newton-Schulz needs whole matrices, which ZeRO 1-3 split (see k2rl.optim); "
-                             "use zero_stage 0, or optimizer.name 'adamw' with ZeRO 1-3")
-        return self
 
     @property
     def run_dir(self) -> Path:

@@ -72,6 +72,17 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig) -> torch.optim.Optim
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def mark_experts_as_zero3_leaves(model: torch.nn.Module) -> None:
+    """ZeRO-3 requires every rank to run the same submodules in the same order, but fused MoE experts
+    call their activation once per expert hit, which differs between ranks with different tokens. As
+    ZeRO-3 leaves the experts gather their weights once on entry and are not traced inside."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = list({type(m) for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.nn.Parameter)})
+    if classes:
+        set_z3_leaf_modules(model, classes)
+
+
 class TrainEngine:
     """DeepSpeed over the trainer model; one data-parallel rank (rank/world from torch.distributed env)."""
 
@@ -92,6 +103,8 @@ class TrainEngine:
             model = load_model(model_dir, torch.bfloat16 if low_precision else torch.float32)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if job_cfg.train.zero_stage == 3:
+            mark_experts_as_zero3_leaves(model)
         optimizer = build_optimizer(model, job_cfg)
         warmup = job_cfg.optimizer.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -99,6 +112,9 @@ class TrainEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job_cfg, self.on_gpu))
         self.model = self.engine.module
         self.zero3 = job_cfg.train.zero_stage == 3
+        self.client_optimizer = optimizer
+        if job_cfg.train.zero_stage and hasattr(optimizer, "attach_zero"):
+            optimizer.attach_zero(self.optimizer)  # MuonClip learns where ZeRO put each matrix
         self.offloader = PinnedOffloader(self.engine) if self.on_gpu and job_cfg.train.offload == "pinned" else None
         self.offloaded = False
         self.reference = None
@@ -192,7 +208,8 @@ class TrainEngine:
         if opt.name == "muonclip" and opt.qk_clip:
             from k2rl.optim import apply_qk_clip
 
-            stats.update({k: float(v) for k, v in apply_qk_clip(self.model, opt.qk_clip_tau).items()})
+            clip = apply_qk_clip(self.model, opt.qk_clip_tau, optimizer=self.client_optimizer)
+            stats.update({k: float(v) for k, v in clip.items()})
         reset_max_logits(self.model)
         return stats
 

@@ -2,16 +2,16 @@
 decay) for weight matrices and AdamW for the rest, one lr and wd for both (K2 report, Algorithm 1).
 QK-Clip, the other half, runs after `step()` (`k2rl.optim.qk_clip`).
 
-DeepSpeed: use ZeRO stage 0 with fp32 parameters (compute in bf16 through autocast if wanted).
-- Newton-Schulz needs whole matrices. ZeRO-1/2 hand a client optimizer flat partitions of one
-  flattened buffer, so matrix boundaries are gone; ZeRO-3 also partitions the parameters themselves.
-  DeepSpeed's own Muon works around that inside ZeRO's gradient path, but scales updates by
-  sqrt(max(1, rows/cols)) instead of K2's 0.2*sqrt(max(n, m)) and sees a fused [E, 2I, H] gate_up
-  as E matrices of 2I rows where K2 orthogonalizes gate and up apart, so it is not K2's update.
-- Under stage 0 DeepSpeed all-reduces gradients and calls `step()` with the real parameters on every
+DeepSpeed, any ZeRO stage, fp32 parameters (compute in bf16 through autocast if wanted):
+- Stage 0: DeepSpeed all-reduces gradients and calls `step()` with the real parameters on every
   rank. Each rank updates the momentum (elementwise, cheap), orthogonalizes only its share of the
-  matrices and all-gathers the results (`k2rl.optim.batched`), so the NS work is split across ranks
-  and every rank applies identical bits.
+  matrices and all-gathers the results (`k2rl.optim.batched`), so every rank applies identical bits.
+- Stages 1/2/3: DeepSpeed hands `step()` flat fp32 partitions (1/N of the state per rank), and
+  `attach_zero(ds_optimizer)` tells MuonClip which elements of which parameter each partition holds
+  (`k2rl.optim.zero_layout`). The momentum stays in the partition (elementwise, 1/N); the Nesterov
+  update is all-gathered into whole matrices, each matrix is orthogonalized once on one rank (the same
+  split as stage 0), and each rank applies its own elements of the result to its master partition.
+  QK-Clip then scales the master partition too (`scale_weight`), or DeepSpeed would copy it back.
 - The parameters must be fp32: they are the master weights, and QK-Clip rescales them in place.
   DeepSpeed's bf16/fp16 wrappers would keep private fp32 copies that QK-Clip cannot see.
 State (momentum, AdamW moments) is ordinary per-parameter optimizer state: `state_dict()` checkpoints
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.optim.adamw import adamw
 
 from k2rl.optim.batched import orthogonalize_all
+from k2rl.optim.zero_layout import ShardLayout, zero_layouts
 
 
 class MuonClip(torch.optim.Optimizer):
@@ -60,6 +61,17 @@ class MuonClip(torch.optim.Optimizer):
                 raise ValueError("a use_muon group needs one matrix_rows entry per parameter")
         self.ns_dtype = ns_dtype
         self.dp_group = group
+        self.matrix_rows = {id(p): rows for g in self.param_groups if g["use_muon"]
+                            for p, rows in zip(g["params"], g["matrix_rows"])}
+        self.partitions: dict[int, tuple[torch.Tensor, ShardLayout]] = {}  # id(flat partition) -> it, layout
+        self.master_of: dict[int, tuple[torch.Tensor, ShardLayout]] = {}  # id(model param) -> the same
+
+    def attach_zero(self, ds_optimizer) -> None:
+        """Learn the flat fp32 partitions of DeepSpeed's ZeRO 1/2/3 wrapper around this optimizer
+        (call once, after `deepspeed.initialize`)."""
+        for flat, layout in zero_layouts(ds_optimizer):
+            self.partitions[id(flat)] = (flat, layout)
+            self.master_of.update({id(p): (flat, layout) for p in layout.params})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -72,13 +84,18 @@ class MuonClip(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict) -> None:
+        if any(id(p) in self.partitions for p in group["params"]):
+            for flat in group["params"]:
+                if flat.grad is not None:
+                    self._sharded_muon_step(group, flat, self.partitions[id(flat)][1])
+            return
         live = [(p, rows) for p, rows in zip(group["params"], group["matrix_rows"]) if p.grad is not None]
         if not live:
             return
         params = [p for p, _ in live]
         if any(p.ndim < 2 or p.shape[-2] % rows for p, rows in live):
-            raise RuntimeError("MuonClip got flattened parameters (DeepSpeed ZeRO-1/2/3 partitions): Newton-Schulz "
-                               "needs whole matrices, so run it under ZeRO stage 0 with fp32 parameters")
+            raise RuntimeError("MuonClip got flat DeepSpeed ZeRO partitions it has no layout for: Newton-Schulz needs "
+                               "whole matrices; call MuonClip.attach_zero(engine.optimizer) after deepspeed.initialize")
         grads = [p.grad for p in params]
         bufs = [self._state_tensor(p, "momentum_buffer") for p in params]
         mu, lr = group["momentum"], group["lr"]
@@ -90,6 +107,44 @@ class MuonClip(torch.optim.Optimizer):
         torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
         for (p, rows), o in zip(live, orthogonal):
             p.view(-1, rows, p.shape[-1]).add_(o, alpha=-lr * rms_match_scale(rows, p.shape[-1]))
+
+    def _sharded_muon_step(self, group: dict, flat: torch.Tensor, layout: ShardLayout) -> None:
+        """The same update on a ZeRO partition: momentum on this rank's elements, NS on whole matrices."""
+        mu, lr = group["momentum"], group["lr"]
+        buf = self._state_tensor(flat, "momentum_buffer")
+        buf.lerp_(flat.grad, 1 - mu)
+        update = flat.grad.lerp(buf, mu) if group["nesterov"] else buf
+        whole = layout.gather(update)
+        rows = [self.matrix_rows[id(p)] for p in layout.params]
+        matrices = [w.view(-1, r, w.shape[-1]) for w, r in zip(whole, rows)]
+        orthogonal = orthogonalize_all(matrices, group["ns_steps"], self.ns_dtype, layout.group)
+        del whole, matrices
+        scaled = [o.view(shape).to(flat.dtype).mul_(rms_match_scale(r, shape[-1]))
+                  for o, r, shape in zip(orthogonal, rows, layout.shapes)]
+        flat.mul_(1 - lr * group["weight_decay"]).add_(layout.local(scaled, torch.empty_like(flat)), alpha=-lr)
+
+    @torch.no_grad()
+    def scale_weight(self, param: torch.Tensor, scale: torch.Tensor) -> None:
+        """param *= scale (broadcast to param's full shape) in fp32, in every copy a step reads: the
+        parameter (whole, or its ZeRO-3 shard) and, under ZeRO, its elements in the master partition."""
+        master = self.master_of.get(id(param))
+        shape = param.ds_shape if hasattr(param, "ds_tensor") else param.shape
+        flat_scale = scale.to(torch.float32).expand(shape).reshape(-1)
+        copies: dict[int, tuple[torch.Tensor, int]] = {}  # data_ptr -> (view, first element); dedup shared memory
+        if master is None:
+            copies[param.data_ptr()] = (param.data.view(-1), 0)
+        else:
+            flat, layout = master
+            for pc in layout.local_pieces(param):
+                view = flat.data[pc.offset:pc.offset + pc.end - pc.start]
+                copies[view.data_ptr()] = (view, pc.start)
+                if hasattr(param, "ds_tensor"):  # the model's own shard: the same elements
+                    shard = param.ds_tensor.data.view(-1)[:pc.end - pc.start]
+                    copies.setdefault(shard.data_ptr(), (shard, pc.start))
+            if not hasattr(param, "ds_tensor"):  # ZeRO 1/2: every rank holds the whole parameter
+                copies.setdefault(param.data_ptr(), (param.data.view(-1), 0))
+        for view, start in copies.values():
+            view.copy_(view.float() * flat_scale[start:start + view.numel()].to(view.device))
 
     def _adamw_step(self, group: dict) -> None:
         params = [p for p in group["params"] if p.grad is not None]

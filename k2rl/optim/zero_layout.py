@@ -1,0 +1,112 @@
+"""Where each parameter's elements sit in the flat fp32 partitions DeepSpeed ZeRO hands an optimizer.
+
+ZeRO 1/2 flatten a param group into one buffer (params in order, alignment padding between them)
+and give rank r the contiguous slice [r P, (r+1) P). ZeRO 3 partitions each parameter on its own:
+rank r holds elements [r c, (r+1) c) of every flattened parameter (c = ceil(numel / N), the last
+chunk zero-padded), and its flat partition is those chunks back to back. Either way every rank's
+partition has the same length L, so one all-gather of the L-element partitions yields every rank's
+elements, and a `ShardLayout` says which of them belong to which parameter. MuonClip uses it to
+assemble whole matrices for Newton-Schulz and to take back its own part of the result, QK-Clip to
+find the master-weight elements of a q/k projection row.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [start, end) of a flattened parameter stored at `offset` in a rank's flat partition."""
+
+    start: int
+    end: int
+    offset: int
+
+
+class ShardLayout:
+    """One flat partition: its parameters (in the wrapper's order), their full shapes, and for every
+    rank the pieces of each parameter that rank holds."""
+
+    def __init__(self, params: list[torch.Tensor], shapes: list[torch.Size], length: int,
+                 pieces: list[list[list[Piece]]], group: dist.ProcessGroup | None):
+        self.params, self.shapes, self.length, self.group = params, shapes, length, group
+        self.pieces = pieces  # pieces[rank][param index]
+        self.rank = dist.get_rank(group)
+        self.index = {id(p): i for i, p in enumerate(params)}
+
+    def gather(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """All ranks' partitions (`local`: this rank's, [L]) -> each parameter whole, in its full shape."""
+        world = len(self.pieces)
+        everything = torch.empty(world * self.length, dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(everything, local.contiguous(), group=self.group)
+        parts = everything.view(world, self.length)
+        out = []
+        for i, shape in enumerate(self.shapes):
+            whole = torch.empty(math.prod(shape), dtype=local.dtype, device=local.device)
+            for rank in range(world):
+                for pc in self.pieces[rank][i]:
+                    whole[pc.start:pc.end] = parts[rank, pc.offset:pc.offset + pc.end - pc.start]
+            out.append(whole.view(shape))
+        return out
+
+    def local(self, whole: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        """This rank's partition of per-parameter tensors `whole` (full shapes), written into `out` [L];
+        padding is zero."""
+        out.zero_()
+        for i, tensor in enumerate(whole):
+            flat = tensor.reshape(-1)
+            for pc in self.pieces[self.rank][i]:
+                out[pc.offset:pc.offset + pc.end - pc.start] = flat[pc.start:pc.end]
+        return out
+
+    def local_pieces(self, param: torch.Tensor) -> list[Piece]:
+        return self.pieces[self.rank][self.index[id(param)]]
+
+
+def zero_layouts(ds_optimizer) -> list[tuple[torch.Tensor, ShardLayout]]:
+    """(flat fp32 partition, its layout) for each partition of a DeepSpeed ZeRO 1/2
+    (`DeepSpeedZeroOptimizer`) or ZeRO 3 optimizer: the tensors the client optimizer is handed."""
+    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):
+        return [(flat, _zero3_layout(ds_optimizer, sub)) for sub, flat in enumerate(ds_optimizer.fp32_partitioned_groups_flat)]
+    if hasattr(ds_optimizer, "single_partition_of_fp32_groups"):
+        return [(flat, _zero12_layout(ds_optimizer, i)) for i, flat in enumerate(ds_optimizer.single_partition_of_fp32_groups)]
+    raise TypeError(f"not a DeepSpeed ZeRO 1/2/3 optimizer: {type(ds_optimizer).__name__}")
+
+
+def _zero12_layout(ds_optimizer, i: int) -> ShardLayout:
+    """Params at `round_robin_bit16_offsets` in the group's flat buffer; rank r owns [r P, (r+1) P)."""
+    group = ds_optimizer.real_dp_process_group[i]
+    params = ds_optimizer.round_robin_bit16_groups[i]
+    shapes = [m.shape for m in ds_optimizer.round_robin_bit16_meta[i]]
+    offsets = ds_optimizer.round_robin_bit16_offsets[i]
+    size = ds_optimizer.partition_size[i]
+    pieces = []
+    for rank in range(dist.get_world_size(group)):
+        lo, hi = rank * size, (rank + 1) * size
+        row = []
+        for shape, offset in zip(shapes, offsets):
+            a, b = max(lo, offset), min(hi, offset + math.prod(shape))
+            row.append([Piece(a - offset, b - offset, a - lo)] if a < b else [])
+        pieces.append(row)
+    return ShardLayout(list(params), shapes, size, pieces, group)
+
+
+def _zero3_layout(ds_optimizer, sub: int) -> ShardLayout:
+    """Each param's chunk r (ds_tensor) back to back in the sub-group's partition, in `fp16_groups` order."""
+    params = ds_optimizer.fp16_groups[sub]
+    group = ds_optimizer._get_sub_group_process_group(sub)
+    shapes = [p.ds_shape for p in params]
+    chunks = [p.partition_numel() for p in params]
+    pieces = []
+    for rank in range(dist.get_world_size(group)):
+        row, offset = [], 0
+        for shape, chunk in zip(shapes, chunks):
+            a, b = rank * chunk, min((rank + 1) * chunk, math.prod(shape))
+            row.append([Piece(a, b, offset)] if a < b else [])
+            offset += chunk
+        pieces.append(row)
+    return ShardLayout(list(params), shapes, sum(chunks), pieces, group)

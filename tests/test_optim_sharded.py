@@ -1,0 +1,120 @@
+"""MuonClip on sharded training state: the project's TrainEngine under DeepSpeed ZeRO 1, 2 and 3 on
+two and four CPU ranks (gloo) against ZeRO 0 in the same processes, on k2-tiny.
+
+Each rank trains the same data shard under every stage; afterwards the weights must match ZeRO 0
+(fp tolerance: only the order of the gradient sums differs), be identical on every rank, and each
+rank's optimizer state must be ~1/N of ZeRO 0's. QK-Clip must scale the same rows by the same
+factors, and keep doing so on the master partitions (else the next step would undo it and the
+weights would drift from ZeRO 0). A checkpoint round trip (with an offload/reload in between) must
+restore the sharded momentum: the step after loading equals the step after saving.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_train_engine import nll_loss
+
+from k2rl.config import JobConfig
+from k2rl.engines.train import TokenBatch, TrainEngine
+from k2rl.optim import apply_qk_clip
+
+STEPS, SEQS_PER_RANK, SEQ_LEN = 3, 2, 16
+# fp32 NS, so the stages differ by rounding only; tau well under the max logits of k2-tiny on random tokens.
+OPTIMIZER = dict(name="muonclip", lr=2e-3, ns_dtype="float32", qk_clip_tau=0.05)
+QK_ROWS = ("self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight")
+
+
+def _batch(world: int, seed: int, vocab: int) -> TokenBatch:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (world * SEQS_PER_RANK, SEQ_LEN), generator=gen)
+    return TokenBatch.from_lists(ids.tolist())
+
+
+def _weights(engine: TrainEngine) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for bucket in engine.export_weights(1 << 30) for n, t in bucket}
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of this rank's optimizer state tensors (momentum, AdamW moments; not the step counters)."""
+    return sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor) and t.ndim > 0)
+
+
+def _clip_factors(engine: TrainEngine, batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """One forward (records each head's max logit), QK-Clip as the engine runs it, and the factor each
+    q/k row was scaled by."""
+    before = _weights(engine)
+    with torch.no_grad():
+        engine.engine(input_ids=torch.stack(batch.input_ids))
+    apply_qk_clip(engine.model, OPTIMIZER["qk_clip_tau"], optimizer=engine.client_optimizer)
+    after = _weights(engine)
+    return {n: (after[n] / before[n]).mean(dim=1) for n in before if n.endswith(QK_ROWS)}
+
+
+def _rank_main(rank, world, port, model_dir, out_dir, stages):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    results = {}
+    for stage in stages:
+        engine = TrainEngine(model_dir, JobConfig(optimizer=OPTIMIZER, train={"zero_stage": stage}))
+        vocab = engine.model.config.vocab_size
+        factors = _clip_factors(engine, _batch(world, 100, vocab).shard(rank, world))
+        clipped = [engine.train_step(_batch(world, s, vocab).shard(rank, world), nll_loss)["attn/clipped_heads"]
+                   for s in range(STEPS)]
+        result = dict(factors=factors, clipped=clipped, weights=_weights(engine),
+                      state_bytes=state_bytes(engine.client_optimizer))
+        engine.save_checkpoint(f"{out_dir}/ckpt{stage}")
+        engine.offload()
+        engine.reload()
+        extra = _batch(world, STEPS, vocab).shard(rank, world)
+        engine.train_step(extra, nll_loss)
+        result["after_save"] = _weights(engine)
+        engine.load_checkpoint(f"{out_dir}/ckpt{stage}")
+        engine.train_step(extra, nll_loss)
+        result["after_load"] = _weights(engine)
+        results[stage] = result
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world,stages", [(2, (0, 1, 2, 3)), (4, (0, 1, 3))], ids=["2ranks", "4ranks"])
+def test_sharded_muonclip_matches_zero0(world, stages, tiny_model_dir, tmp_path):
+    mp.spawn(_rank_main, args=(world, _free_port(), str(tiny_model_dir), str(tmp_path), stages), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    ref = ranks[0][0]
+    assert sum(ref["clipped"]) > 0 and any(bool((f < 1).any()) for f in ref["factors"].values())
+    start = _weights_of_checkpoint(tiny_model_dir)
+    print(f"\noptimizer state bytes per rank, N={world}: "
+          + ", ".join(f"ZeRO {s}: {ranks[0][s]['state_bytes']}" for s in stages))
+    for stage in stages[1:]:
+        got = ranks[0][stage]
+        for rank in ranks[1:]:
+            for name, weight in got["weights"].items():
+                assert torch.equal(weight, rank[stage]["weights"][name]), f"ZeRO {stage}: ranks differ on {name}"
+        for name, weight in got["weights"].items():
+            moved = (ref["weights"][name] - start[name]).norm()
+            assert (weight - ref["weights"][name]).norm() <= 1e-3 * moved + 1e-6, f"ZeRO {stage}: {name}"
+        assert got["clipped"] == ref["clipped"], f"ZeRO {stage}"
+        for name, factor in got["factors"].items():
+            torch.testing.assert_close(factor, ref["factors"][name], rtol=0, atol=1e-6, msg=f"ZeRO {stage}: {name}")
+        for rank in ranks:
+            share = rank[stage]["state_bytes"] / rank[0]["state_bytes"]
+            assert 0.9 / world <= share <= 1.1 / world, f"ZeRO {stage}: state share {share:.3f} at N={world}"
+            for name, weight in rank[stage]["after_load"].items():
+                torch.testing.assert_close(weight, rank[stage]["after_save"][name], rtol=0, atol=1e-7,
+                                           msg=f"ZeRO {stage}: step after load differs on {name}")
+
+
+def _weights_of_checkpoint(model_dir) -> dict[str, torch.Tensor]:
+    from k2rl.model.checkpoint import load_model
+    from k2rl.model.modeling import export_weights
+
+    return dict(export_weights(load_model(model_dir, torch.float32)))
