@@ -23,6 +23,8 @@ import gc
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -98,7 +100,8 @@ def nll(new_logprobs, batch):
 
 
 def standalone_tokens_per_s(model_dir, job, prompts, sampling) -> float:
-    """Plain vLLM, as a user would start it, with the rollout engine's settings; freed afterwards."""
+    """Plain vLLM, as a user would start it, with the rollout engine's settings (run in a process of
+    its own: a second engine in the worker's process fails in its compiled kernels)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -113,10 +116,7 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling) -> float:
     token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(token_prompts[:8], params[:8], use_tqdm=False)  # warm-up
     outs, seconds = timed(lambda: llm.generate(token_prompts, params, use_tqdm=False))
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    del llm
-    gc.collect()
-    return tokens / seconds
+    return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
 
 
 def grouped_mm_tokens_per_s(model_dir, batch, steps: int = 3) -> float:
@@ -170,12 +170,12 @@ def main() -> None:
     ap.add_argument("--train-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--standalone-only", action="store_true", help=argparse.SUPPRESS)  # the baseline's own process
     args = ap.parse_args()
 
     from k2rl.engines.types import SamplingConfig, TokenBatch
     from k2rl.model.build import make_model
     from k2rl.model.checkpoint import load_config
-    from k2rl.worker import Worker
 
     job = job_config(args)
     preset = args.preset or job.model.preset
@@ -186,8 +186,42 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(20, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
     sampling = SamplingConfig(temperature=1.0, max_tokens=args.new_tokens, seed=1)
+    if args.standalone_only:
+        print(json.dumps({"standalone_tokens_per_s": standalone_tokens_per_s(model_dir, job, prompts, sampling)}))
+        return
     train_batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.train_seqs, args.seq_len), generator=gen).tolist())
-    memory = {"memory/start": used_gib()}
+    try:
+        measure(args, job, model_dir, config, prompts, sampling, train_batch, out)
+    finally:
+        print_figures(out, args.json)
+
+
+def standalone_in_own_process(args, model_dir) -> float:
+    cmd = [sys.executable, __file__, "--standalone-only", "--model-dir", str(model_dir), "--config", args.config,
+           "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    cmd += ["--eager"] if args.eager else []
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"standalone vLLM failed:\n{done.stderr[-3000:]}")
+    result = [line for line in done.stdout.splitlines() if line.startswith('{"standalone_tokens_per_s"')][-1]
+    return json.loads(result)["standalone_tokens_per_s"]
+
+
+def print_figures(out: dict, json_path: str | None) -> None:
+    width = max(len(k) for k in out)
+    for k, v in out.items():
+        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
+    """Fills `out` as it goes, so a failure late in the run still reports what was measured."""
+    from k2rl.engines.types import SamplingConfig
+    from k2rl.worker import Worker
+
+    out["memory/start"] = used_gib()
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -195,7 +229,7 @@ def main() -> None:
     worker = Worker(0, 1)
     _, out["time/setup"] = timed(lambda: worker.setup(str(model_dir), job.model_dump(mode="json"), ("127.0.0.1", port)))
     out.update({k: v for k, v in worker.stats().items() if k.startswith("time/")})
-    memory["memory/rollout"] = used_gib()
+    out["memory/rollout"] = used_gib()
 
     worker.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
     first, seconds = timed(lambda: worker.generate(prompts, sampling))
@@ -203,14 +237,14 @@ def main() -> None:
 
     for round_trip in range(2):  # the second is the steady state
         worker.to_train()
-        memory["memory/train_idle"] = used_gib()
+        out["memory/train_idle"] = used_gib()
         switch = worker.stats()
         if round_trip == 0:
             out.update(logprob_gap(worker, to_batch(prompts, first), "gap/before"))
             worker.train_step(train_batch, nll)  # warm-up (and the update the gap is measured after)
             worker.stats()
         _, seconds = timed(lambda: worker.train_step(train_batch, nll))
-        memory["memory/train_step_peak_torch"] = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
+        out["memory/train_step_peak_torch"] = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
         worker.to_rollout()
         switch.update(worker.stats())
     tokens = sum(len(s) for s in train_batch.input_ids)
@@ -218,7 +252,7 @@ def main() -> None:
     out["train/mfu"] = 6 * active_params(config) * tokens / seconds / (PEAK_TFLOPS * 1e12)
     out.update({k: switch[k] for k in ("time/sleep", "time/reload", "time/wake", "time/sync", "time/offload",
                                        "sync/bytes", "sync/gb_per_s") if k in switch})
-    memory["memory/rollout_after_sync"] = used_gib()
+    out["memory/rollout_after_sync"] = used_gib()
 
     after, seconds = timed(lambda: worker.generate(prompts, sampling))
     out["rollout/tokens_per_s_after_reload"] = sum(len(g.token_ids) for (g,) in after) / seconds
@@ -228,21 +262,14 @@ def main() -> None:
     if ON_GPU:
         out["sync/device_copy_gb_per_s"] = device_copy_gb_per_s(int(out["sync/bytes"]))
         worker.train.offload()  # leave the GPU to the baselines (vLLM already sleeps in TRAIN)
-        memory["memory/all_offloaded"] = used_gib()
+        out["memory/all_offloaded"] = used_gib()
         out["baseline/grouped_mm_tokens_per_s"] = grouped_mm_tokens_per_s(model_dir, train_batch)
         out["baseline/grouped_mm_mfu"] = (6 * active_params(config) * out["baseline/grouped_mm_tokens_per_s"]
                                           / (PEAK_TFLOPS * 1e12))
-        out["baseline/standalone_vllm_tokens_per_s"] = standalone_tokens_per_s(model_dir, job, prompts, sampling)
+        out["baseline/standalone_vllm_tokens_per_s"] = standalone_in_own_process(args, model_dir)
         out["rollout/vs_standalone"] = out["rollout/tokens_per_s"] / out["baseline/standalone_vllm_tokens_per_s"]
         out["train/vs_grouped_mm"] = out["train/tokens_per_s"] / out["baseline/grouped_mm_tokens_per_s"]
         out["sync/vs_device_copy"] = out["sync/gb_per_s"] / out["sync/device_copy_gb_per_s"]
-    out.update(memory)
-    width = max(len(k) for k in out)
-    for k, v in out.items():
-        print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,32 @@ def _hook_moe(worker) -> int:
     return count
 
 
+def _hook_layers(worker) -> int:
+    """Inside vLLM's worker: record each decoder layer's residual stream (vLLM returns it split in two)."""
+    layers = worker.model_runner.model.model.layers
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, inp, out, i=i: CAPTURED.setdefault(f"layer{i}", []).append(
+            (sum(out) if isinstance(out, tuple) else out).detach().float().clone()))
+    return len(layers)
+
+
+def residual_stream_report(llm, trainer, prompt) -> None:
+    """Relative difference of the residual stream after each layer, vLLM vs trainer, same prompt."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    CAPTURED.clear()
+    llm.collective_rpc(_hook_layers)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(max_tokens=1), use_tqdm=False)
+    device = next(trainer.parameters()).device
+    with torch.no_grad():
+        hidden = trainer(torch.tensor([prompt], device=device), output_hidden_states=True).hidden_states
+    for i in range(len(hidden) - 2):  # the last entry is after the final norm
+        ref = hidden[i + 1][0].float()
+        rel = ((CAPTURED[f"layer{i}"][0] - ref).norm() / ref.norm()).item()
+        print(f"layer {i:2d} residual stream rel err {rel:.3e}", flush=True)
+
+
 def sampled_gap(llm, trainer, prompts, tokens: int, autocast: bool) -> tuple[float, float]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -113,6 +139,8 @@ def main() -> None:
             mean, top = sampled_gap(llm, trainer_fp32, prompts, args.tokens, autocast=True)
             print(f"[{name}] gap vs trainer (fp32 weights, bf16 autocast): mean {mean:.4g} max {top:.4g}", flush=True)
         moe_layers_report(llm, trainer_low, prompts[0] * 4)
+        if not overrides:
+            residual_stream_report(llm, trainer_low, prompts[0] * 4)
         del llm
         gc.collect()
 

@@ -30,6 +30,26 @@ def tiny_model_dir(tmp_path_factory):
     return make_model("k2-tiny", tmp_path_factory.mktemp("k2-tiny"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def gpu_model_dir(tiny_model_dir, tmp_path_factory):
+    """k2-tiny with K2's own MLA head sizes (qk_nope 128, v 128): vLLM's GPU MLA prefill kernels take
+    no smaller ones (k2-tiny's 32 fail with "No valid MLA prefill backend")."""
+    import shutil
+
+    from transformers import DeepseekV3Config
+
+    from k2rl.model.checkpoint import save_model
+    from k2rl.model.modeling import build_model
+    from k2rl.model.presets import preset_config
+
+    out = tmp_path_factory.mktemp("k2-tiny-gpu")
+    config = DeepseekV3Config(**dict(preset_config("k2-tiny"), qk_nope_head_dim=128, v_head_dim=128))
+    save_model(build_model(config, seed=0), out)
+    for f in tiny_model_dir.glob("*token*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
 def _free_port() -> int:
     import socket
 

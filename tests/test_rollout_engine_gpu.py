@@ -29,11 +29,11 @@ def reload(engine, model):
 
 
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "cuda_graphs"])
-def test_sleep_frees_memory_and_reload_is_exact(tiny_model_dir, enforce_eager, capsys):
+def test_sleep_frees_memory_and_reload_is_exact(gpu_model_dir, enforce_eager, capsys):
     from k2rl.engines.rollout import RolloutEngine
 
     before = used_gib()
-    engine = RolloutEngine(tiny_model_dir, dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=2 << 30,
+    engine = RolloutEngine(gpu_model_dir, dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=2 << 30,
                            enforce_eager=enforce_eager)
     awake = used_gib()
     first = generate(engine)
@@ -45,11 +45,11 @@ def test_sleep_frees_memory_and_reload_is_exact(tiny_model_dir, enforce_eager, c
     assert awake - asleep > 0.9 * 2  # at least the 2 GiB KV cache left
     assert asleep - before < 1.5  # CUDA context, graphs' pools and allocator slack stay
 
-    model = load_model(tiny_model_dir).eval()
+    model = load_model(gpu_model_dir).eval()
     engine.wake()
     assert generate(engine) == first  # a sleep/wake round trip keeps weights and outputs bit-identical
     torch.manual_seed(3)
-    perturbed = load_model(tiny_model_dir).eval()
+    perturbed = load_model(gpu_model_dir).eval()
     with torch.no_grad():
         for p in perturbed.parameters():
             p.add_(torch.randn_like(p) * 0.05)

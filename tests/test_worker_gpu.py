@@ -30,7 +30,7 @@ def to_batch(generations):
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model_dir):
+def worker(gpu_model_dir):
     from k2rl.worker import Worker
 
     job = JobConfig(model={"dtype": "bfloat16"}, optimizer={"name": "muonclip", "lr": 2e-2}, train={"zero_stage": 0},
@@ -39,7 +39,7 @@ def worker(tiny_model_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     w = Worker(0, 1)
-    w.setup(str(tiny_model_dir), job.model_dump(mode="json"), ("127.0.0.1", port))
+    w.setup(str(gpu_model_dir), job.model_dump(mode="json"), ("127.0.0.1", port))
     return w
 
 
