@@ -52,6 +52,9 @@ class TrainEngineConfig(Section):
     micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward/backward; gradients accumulate over micro-batches")
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    experts_implementation: Literal["auto", "eager", "grouped_mm"] = Field(
+        "auto", description="MoE expert matmuls: grouped_mm = one grouped GEMM per projection (in bf16 under "
+        "autocast), eager = transformers' per-expert loop; auto = grouped_mm on a GPU, eager on the CPU")
     offload: Literal["pinned", "deepspeed", "none"] = Field(
         "pinned", description="how the trainer leaves the GPU between steps: our persistent pinned host "
         "buffers, DeepSpeed's offload_states, or not at all")

@@ -32,6 +32,7 @@ from k2rl.config import JobConfig
 from k2rl.engines.offload import PinnedOffloader
 from k2rl.engines.types import TokenBatch, concat_batches
 from k2rl.model.checkpoint import load_model, save_weights, write_config
+from k2rl.model.experts import set_experts_implementation
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
 
 
@@ -101,6 +102,7 @@ class TrainEngine:
         if model is None:
             low_precision = self.on_gpu and not fp32_master(job_cfg)
             model = load_model(model_dir, torch.bfloat16 if low_precision else torch.float32)
+        set_experts_implementation(model, job_cfg.train.experts_implementation, self.device)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if job_cfg.train.zero_stage == 3:
@@ -120,6 +122,7 @@ class TrainEngine:
         self.reference = None
         if reference_dir is not None:
             self.reference = load_model(reference_dir, next(self.model.parameters()).dtype).eval().requires_grad_(False)
+            set_experts_implementation(self.reference, job_cfg.train.experts_implementation, self.device)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _forward_logprobs(self, mb: TokenBatch, module=None) -> list[torch.Tensor]:

@@ -1,9 +1,10 @@
 """The trainer-side K2 model: transformers' DeepseekV3 plus what RL training needs from it.
 
 We keep transformers' implementation (MLA, sigmoid noaux_tc router, shared expert) and add:
-- an attention function that records each head's max pre-softmax logit, for QK-Clip;
+- an attention function that records each head's max pre-softmax logit, for QK-Clip (attention.py);
 - weight export and import under the checkpoint names vLLM loads (one tensor per expert), since
   transformers holds experts fused as [E, 2I, H] / [E, H, I].
+How the experts multiply (per-expert loop or grouped GEMMs) is chosen in experts.py.
 """
 from __future__ import annotations
 
@@ -11,39 +12,9 @@ import re
 from collections.abc import Iterable, Iterator
 
 import torch
-from transformers import AttentionInterface, DeepseekV3Config, DeepseekV3ForCausalLM
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-MAX_LOGIT_ATTENTION = "k2rl_sdpa_max_logit"
-MAX_LOGIT_ATTR = "k2rl_max_logit"
-
-
-def _causal_scores_max(module, query, key, attention_mask, scaling) -> torch.Tensor:
-    """Per-head max of q.k * scaling over the batch and the positions the mask lets attend."""
-    scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling
-    q_len, k_len = scores.shape[-2:]
-    if attention_mask is None:
-        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask[..., :k_len], float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :k_len].float()
-    return scores.amax(dim=(0, 2, 3))
-
-
-def max_logit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA attention that also keeps a running per-head max logit on the attention module."""
-    with torch.no_grad():
-        head_max = _causal_scores_max(module, query, key, attention_mask, scaling)
-        previous = getattr(module, MAX_LOGIT_ATTR, None)
-        setattr(module, MAX_LOGIT_ATTR, head_max if previous is None else torch.maximum(previous, head_max))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-
-
-AttentionInterface.register(MAX_LOGIT_ATTENTION, max_logit_attention)
-AttentionMaskInterface.register(MAX_LOGIT_ATTENTION, sdpa_mask)
+from k2rl.model.attention import MAX_LOGIT_ATTENTION, MAX_LOGIT_ATTR
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -51,7 +22,8 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def head_max_logits(model: torch.nn.Module) -> torch.Tensor | None:
-    """[layers, heads] max pre-softmax logits seen since the last reset (None before any forward)."""
+    """[layers, heads] max pre-softmax logits seen since the last reset (None before any
+    training-mode forward: eval passes do not record)."""
     per_layer = [getattr(m, MAX_LOGIT_ATTR, None) for m in attention_modules(model)]
     if any(t is None for t in per_layer):
         return None

@@ -1,0 +1,75 @@
+"""SDPA attention that also records each head's max pre-softmax logit, for QK-Clip.
+
+The output is torch's scaled_dot_product_attention (flash / memory-efficient kernels: the score matrix
+is never stored). The max comes from a separate pass under no_grad over chunks of query rows, so at
+most one chunk's scores exist at a time, and each chunk stops at its causal frontier (the keys no row
+of the chunk may see are never multiplied). Scores are fp32 (bf16 inputs keep fp32 accumulators on
+CUDA), as QK-Clip compares them with tau.
+
+Recording happens only in training mode (train steps: QK-Clip and the attn/max_logit metric); eval
+and logprob passes run plain SDPA. The model is a causal decoder: the pass assumes every mask it gets
+is causal (as `sdpa_mask` builds it), with padding on top.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+MAX_LOGIT_ATTENTION = "k2rl_sdpa_max_logit"
+MAX_LOGIT_ATTR = "k2rl_max_logit"
+
+# Largest fp32 score block of one chunk; and the fewest chunks per sequence, so that the causal
+# frontier skips a good share of the products: with n chunks about (n - 1) / 2n of them (44% at 8).
+CHUNK_SCORE_BYTES = 128 << 20
+MIN_CHUNKS = 8
+
+
+def _fp32_scores(query: torch.Tensor, key_t: torch.Tensor) -> torch.Tensor:
+    """query [B, H, q, D] @ key_t [B, H, D, k] in fp32 (bf16/fp16 on CUDA: tensor cores, fp32 output)."""
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        b, h, q, d = query.shape
+        out = torch.bmm(query.reshape(b * h, q, d), key_t.reshape(b * h, d, -1), out_dtype=torch.float32)
+        return out.view(b, h, q, -1)
+    return torch.matmul(query.float(), key_t.float())
+
+
+@torch.no_grad()
+def causal_head_max(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                    scaling: float) -> torch.Tensor:
+    """[H] max over batch and allowed (query, key) pairs of q.k * scaling; causal when no mask is given."""
+    batch, heads, q_len, _ = query.shape
+    k_len = key.shape[-2]
+    offset = k_len - q_len  # queries are the last q_len positions (a cache may hold earlier keys)
+    rows = max(1, min(-(-q_len // MIN_CHUNKS), CHUNK_SCORE_BYTES // (4 * batch * heads * k_len)))
+    key_t = key.transpose(-1, -2)
+    best = torch.full((heads,), float("-inf"), device=query.device)
+    with torch.autocast(query.device.type, enabled=False):
+        for start in range(0, q_len, rows):
+            stop = min(start + rows, q_len)
+            seen = min(k_len, stop + offset)  # keys beyond the chunk's last row are masked for all rows
+            scores = _fp32_scores(query[:, :, start:stop], key_t[..., :seen]) * scaling
+            if attention_mask is None:
+                cols = torch.arange(seen, device=query.device)
+                row_ends = torch.arange(start, stop, device=query.device)[:, None] + offset
+                scores.masked_fill_(cols > row_ends, float("-inf"))
+            elif attention_mask.dtype == torch.bool:
+                scores.masked_fill_(~attention_mask[..., start:stop, :seen], float("-inf"))
+            else:
+                scores += attention_mask[..., start:stop, :seen].float()
+            best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+    return best
+
+
+def max_logit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """SDPA; in training mode also keeps a running per-head max logit on the attention module."""
+    if module.training:
+        head_max = causal_head_max(query, key, attention_mask, scaling)
+        previous = getattr(module, MAX_LOGIT_ATTR, None)
+        setattr(module, MAX_LOGIT_ATTR, head_max if previous is None else torch.maximum(previous, head_max))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(MAX_LOGIT_ATTENTION, max_logit_attention)
+AttentionMaskInterface.register(MAX_LOGIT_ATTENTION, sdpa_mask)

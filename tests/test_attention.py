@@ -1,0 +1,113 @@
+"""The max-logit recorder (k2rl.model.attention): its chunked causal pass equals the max over the full
+score matrix, and the model with it matches transformers' eager attention in outputs, gradients and
+maxima (the eager softmax inputs), with and without padding."""
+import pytest
+import torch
+
+from k2rl.model import attention
+from k2rl.model.attention import causal_head_max
+from k2rl.model.checkpoint import load_model
+from k2rl.model.modeling import head_max_logits, reset_max_logits
+
+HEADS, HEAD_DIM = 4, 96  # k2-tiny: 4 heads, q/k of qk_nope 32 + qk_rope 64
+
+
+def _full_scores_max(query, key, allowed, scaling):
+    """The recorder this one replaced: every score in fp32, masked, then the max."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    return scores.masked_fill(~allowed, float("-inf")).amax(dim=(0, 2, 3))
+
+
+def _qk(q_len, k_len, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, HEADS, q_len, HEAD_DIM, generator=g)
+    key = torch.randn(batch, HEADS, k_len, HEAD_DIM, generator=g)
+    # A huge logit that causality forbids: the first query with the last key, in every head.
+    key[:, :, -1] = 50 * query[:, :, 0]
+    return query, key
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 64 << 10, 1 << 30])  # one row per chunk, a few rows, MIN_CHUNKS
+@pytest.mark.parametrize("q_len, k_len", [(17, 17), (300, 300), (5, 40)])  # (5, 40): a cache of 35 keys
+def test_causal_pass_equals_full_scores(monkeypatch, chunk_bytes, q_len, k_len):
+    monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", chunk_bytes)
+    query, key = _qk(q_len, k_len)
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    want = _full_scores_max(query, key, allowed, 0.1)
+    torch.testing.assert_close(causal_head_max(query, key, None, 0.1), want)  # fp32: to summation order
+    assert want.max() < 50 * HEAD_DIM * 0.1 / 4  # the planted logit stayed out
+
+
+def test_padding_mask_is_respected(monkeypatch):
+    monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", 64 << 10)
+    query, key = _qk(300, 300)
+    lengths = torch.tensor([300, 180])
+    key[1, :, 200] = 50 * query[1, :, 250]  # a padding key that a padded query row would love
+    causal = torch.ones(300, 300, dtype=torch.bool).tril()
+    allowed = (causal & (torch.arange(300) < lengths[:, None])[:, None, :])[:, None]  # [B, 1, q, k]
+    want = _full_scores_max(query, key, allowed, 0.1)
+    torch.testing.assert_close(causal_head_max(query, key, allowed, 0.1), want)
+    assert not torch.equal(want, _full_scores_max(query, key, causal, 0.1))  # the padding mattered
+
+
+def _forward_backward(model, ids, mask):
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    (logits.float().logsumexp(-1) * mask).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_model_matches_eager_attention(tiny_model_dir, monkeypatch, padded):
+    """Outputs, gradients and maxima equal transformers' eager path (which materialises the scores)."""
+    monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", 256 << 10)  # several chunks per layer
+    model = load_model(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 160:] = 0
+    reset_max_logits(model)
+    logits, grads = _forward_backward(model, ids, mask)
+    recorded = head_max_logits(model)
+    assert recorded.shape == (model.config.num_hidden_layers, model.config.num_attention_heads)
+
+    softmax_inputs = []
+    real_softmax = torch.nn.functional.softmax
+
+    def spy(x, *args, **kwargs):
+        if x.dim() == 4:
+            softmax_inputs.append(x.detach().amax(dim=(0, 2, 3)))
+        return real_softmax(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "softmax", spy)
+    model.config._attn_implementation = "eager"
+    eager_logits, eager_grads = _forward_backward(model, ids, mask)
+    torch.testing.assert_close(recorded, torch.stack(softmax_inputs), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(logits, eager_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_passes_record_nothing(tiny_model_dir):
+    """Only training-mode forwards pay for the max pass (logprob and reference passes run in eval)."""
+    model = load_model(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (1, 16))
+    reset_max_logits(model)
+    with torch.no_grad():
+        model.eval()(ids)
+        assert head_max_logits(model) is None
+        model.train()(ids)
+    assert head_max_logits(model) is not None
+
+
+@pytest.mark.gpu
+def test_bf16_cuda_pass_keeps_fp32_scores():
+    """On CUDA, bf16 q/k multiply on tensor cores with fp32 output: the max equals the fp32 upcast's
+    up to accumulation order."""
+    query, key = (t.cuda().bfloat16() for t in _qk(2048, 2048))
+    allowed = torch.ones(2048, 2048, dtype=torch.bool, device="cuda").tril()
+    want = _full_scores_max(query, key, allowed, 0.1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = causal_head_max(query, key, None, 0.1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
