@@ -100,13 +100,23 @@ def test_eval_passes_record_nothing(tiny_model_dir):
     assert head_max_logits(model) is not None
 
 
+def test_autocast_scores_the_inputs_sdpa_gets():
+    """Under bf16 autocast SDPA runs on bf16 q and k: the max is of their exact products."""
+    query, key = _qk(64, 64)
+    allowed = torch.ones(64, 64, dtype=torch.bool).tril()
+    want = _full_scores_max(query.bfloat16(), key.bfloat16(), allowed, 0.1)
+    assert not torch.equal(want, _full_scores_max(query, key, allowed, 0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(causal_head_max(query, key, None, 0.1), want)
+
+
 @pytest.mark.gpu
-def test_bf16_cuda_pass_keeps_fp32_scores():
-    """On CUDA, bf16 q/k multiply on tensor cores with fp32 output: the max equals the fp32 upcast's
-    up to accumulation order."""
-    query, key = (t.cuda().bfloat16() for t in _qk(2048, 2048))
+def test_cuda_pass_under_autocast_keeps_fp32_scores():
+    """On CUDA the bf16 q/k multiply on tensor cores with fp32 output: the max equals the fp32 product
+    of the same bf16 values up to accumulation order."""
+    query, key = (t.cuda() for t in _qk(2048, 2048))
     allowed = torch.ones(2048, 2048, dtype=torch.bool, device="cuda").tril()
-    want = _full_scores_max(query, key, allowed, 0.1)
+    want = _full_scores_max(query.bfloat16(), key.bfloat16(), allowed, 0.1)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         got = causal_head_max(query, key, None, 0.1)
     assert got.dtype == torch.float32

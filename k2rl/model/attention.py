@@ -3,8 +3,9 @@
 The output is torch's scaled_dot_product_attention (flash / memory-efficient kernels: the score matrix
 is never stored). The max comes from a separate pass under no_grad over chunks of query rows, so at
 most one chunk's scores exist at a time, and each chunk stops at its causal frontier (the keys no row
-of the chunk may see are never multiplied). Scores are fp32 (bf16 inputs keep fp32 accumulators on
-CUDA), as QK-Clip compares them with tau.
+of the chunk may see are never multiplied). Under autocast q and k are scored in autocast's dtype,
+as SDPA gets them; the scores themselves are fp32 (on CUDA: bf16 tensor cores with fp32 output), as
+QK-Clip compares them with tau.
 
 Recording happens only in training mode (train steps: QK-Clip and the attn/max_logit metric); eval
 and logprob passes run plain SDPA. The model is a causal decoder: the pass assumes every mask it gets
@@ -39,6 +40,9 @@ def _fp32_scores(query: torch.Tensor, key_t: torch.Tensor) -> torch.Tensor:
 def causal_head_max(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float) -> torch.Tensor:
     """[H] max over batch and allowed (query, key) pairs of q.k * scaling; causal when no mask is given."""
+    if torch.is_autocast_enabled(query.device.type):  # score what SDPA sees: q and k in autocast's dtype
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key = query.to(dtype), key.to(dtype)
     batch, heads, q_len, _ = query.shape
     k_len = key.shape[-2]
     offset = k_len - q_len  # queries are the last q_len positions (a cache may hold earlier keys)
