@@ -76,17 +76,6 @@ def job_config(args):
     return load_config(args.config, overrides)
 
 
-def to_batch(prompts, generations):
-    from k2rl.engines.types import TokenBatch
-
-    ids, mask, lps = [], [], []
-    for prompt, (g,) in zip(prompts, generations):
-        ids.append(prompt + g.token_ids)
-        mask.append([False] * len(prompt) + [True] * len(g.token_ids))
-        lps.append([0.0] * len(prompt) + g.logprobs)
-    return TokenBatch.from_lists(ids, mask, rollout_logprobs=lps)
-
-
 def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
     """Mean and max |vLLM - trainer| logprob over the batch's sampled tokens (the worker's own metric)."""
     worker.logprobs(batch)
@@ -218,7 +207,7 @@ def print_figures(out: dict, json_path: str | None) -> None:
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
     """Fills `out` as it goes, so a failure late in the run still reports what was measured."""
-    from k2rl.engines.types import SamplingConfig
+    from k2rl.engines.types import SamplingConfig, completion_batch
     from k2rl.worker import Worker
 
     out["memory/start"] = used_gib()
@@ -240,7 +229,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
         out["memory/train_idle"] = used_gib()
         switch = worker.stats()
         if round_trip == 0:
-            out.update(logprob_gap(worker, to_batch(prompts, first), "gap/before"))
+            out.update(logprob_gap(worker, completion_batch(prompts, first), "gap/before"))
             worker.train_step(train_batch, nll)  # warm-up (and the update the gap is measured after)
             worker.stats()
         _, seconds = timed(lambda: worker.train_step(train_batch, nll))
@@ -257,7 +246,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     after, seconds = timed(lambda: worker.generate(prompts, sampling))
     out["rollout/tokens_per_s_after_reload"] = sum(len(g.token_ids) for (g,) in after) / seconds
     worker.to_train()
-    out.update(logprob_gap(worker, to_batch(prompts, after), "gap/after_step_sync"))
+    out.update(logprob_gap(worker, completion_batch(prompts, after), "gap/after_step_sync"))
 
     if ON_GPU:
         out["sync/device_copy_gb_per_s"] = device_copy_gb_per_s(int(out["sync/bytes"]))

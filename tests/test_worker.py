@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.types import SamplingConfig
-from k2rl.engines.types import TokenBatch
+from k2rl.engines.types import SamplingConfig, TokenBatch, completion_batch
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import greedy_decode
 from k2rl.worker import PhaseError, WorkerFailed, WorkerGroup
@@ -22,16 +21,6 @@ GREEDY = SamplingConfig(temperature=0, max_tokens=6)
 def nll_loss(new_logprobs, batch):
     mask = torch.cat(batch.loss_mask).float()
     return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
-
-
-def to_batch(prompts, generations):
-    """Prompt + completion sequences, loss on the completion, vLLM's logprobs alongside."""
-    ids, mask, rollout_lp = [], [], []
-    for prompt, (g,) in zip(prompts, generations):
-        ids.append(prompt + g.token_ids)
-        mask.append([False] * len(prompt) + [True] * len(g.token_ids))
-        rollout_lp.append([0.0] * len(prompt) + g.logprobs)
-    return TokenBatch.from_lists(ids, mask, rollout_logprobs=rollout_lp)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +47,7 @@ def group(request, ray_session, tiny_model_dir):
 def test_rl_step_then_sync_matches_trainer(group, tmp_path):
     before = group.generate(PROMPTS * 2, GREEDY)  # each worker decodes both prompts
     group.to_train()
-    batch = to_batch(PROMPTS * 2, before)
+    batch = completion_batch(PROMPTS * 2, before)
     group.logprobs(batch)
     assert group.stats()["mismatch/logprob_abs"] < 5e-3
     stats = group.train_step(batch, nll_loss)
@@ -77,7 +66,7 @@ def test_rl_step_then_sync_matches_trainer(group, tmp_path):
     assert decodes[:2] == [greedy_decode(model, p, len(d)) for p, d in zip(PROMPTS, decodes)]
 
     group.to_train()
-    group.logprobs(to_batch(PROMPTS * 2, after))
+    group.logprobs(completion_batch(PROMPTS * 2, after))
     stats = group.stats()
     assert stats["mismatch/logprob_abs"] < 5e-3 and stats["mismatch/logprob_abs_max"] < 3e-2
     group.to_rollout()

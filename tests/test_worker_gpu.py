@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.types import SamplingConfig, TokenBatch
+from k2rl.engines.types import SamplingConfig, completion_batch
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [100, 200, 300, 400, 500], [42, 43]] * 4
@@ -18,15 +18,6 @@ GAP_GOAL = 5e-3  # issue 12: mean |vLLM - trainer| logprob on sampled tokens
 def nll(new_logprobs, batch):
     mask = torch.cat(batch.loss_mask).float()
     return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
-
-
-def to_batch(generations):
-    ids, mask, lps = [], [], []
-    for prompt, (g,) in zip(PROMPTS, generations):
-        ids.append(prompt + g.token_ids)
-        mask.append([False] * len(prompt) + [True] * len(g.token_ids))
-        lps.append([0.0] * len(prompt) + g.logprobs)
-    return TokenBatch.from_lists(ids, mask, rollout_logprobs=lps)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def worker(gpu_model_dir):
 
 
 def gap(worker, generations) -> dict:
-    worker.logprobs(to_batch(generations))
+    worker.logprobs(completion_batch(PROMPTS, generations))
     stats = worker.stats()
     return {k: stats[k] for k in ("mismatch/logprob_abs", "mismatch/logprob_abs_max")}
 
@@ -62,7 +53,7 @@ def test_after_train_step_and_sync_vllm_matches_trainer(worker, capsys):
     before = worker.generate(PROMPTS, SAMPLED)
     worker.to_train()
     gap_before = gap(worker, before)
-    worker.train_step(to_batch(before), nll)
+    worker.train_step(completion_batch(PROMPTS, before), nll)
     worker.to_rollout()
     sync = worker.stats()
     after = worker.generate(PROMPTS, SAMPLED)

@@ -98,3 +98,14 @@ def concat_batches(batches: list[TokenBatch]) -> TokenBatch:
     return TokenBatch([s for b in batches for s in b.input_ids], [m for b in batches for m in b.loss_mask],
                       {k: [t for b in batches for t in b.token_data[k]] for k in first.token_data},
                       {k: torch.cat([b.seq_data[k] for b in batches]) for k in first.seq_data})
+
+
+def completion_batch(prompts: list[list[int]], generations: list[list[Generation]]) -> TokenBatch:
+    """Prompt + each prompt's first generation as sequences, the loss on the generated tokens and
+    vLLM's logprobs beside them (`rollout_logprobs`): what the vLLM-trainer gap is measured on."""
+    ids, mask, logprobs = [], [], []
+    for prompt, (g, *_) in zip(prompts, generations):
+        ids.append(list(prompt) + g.token_ids)
+        mask.append([False] * len(prompt) + [True] * len(g.token_ids))
+        logprobs.append([0.0] * len(prompt) + g.logprobs)
+    return TokenBatch.from_lists(ids, mask, rollout_logprobs=logprobs)
