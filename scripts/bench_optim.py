@@ -2,12 +2,18 @@
 
     python scripts/bench_optim.py            # on a GPU: K2's sizes, fp32 master weights
     python scripts/bench_optim.py --small    # quick CPU check of the script itself
+    python scripts/bench_optim.py --sharded  # data-parallel MuonClip: the step at N = 1, NS per rank at N = 2, 4, 8
 
 The layer: MLA (hidden 7168, q/kv ranks 1536/512, 64 heads), the router, 32 routed experts stacked as
 the model holds them ([E, 2I, H] gate_up, [E, H, I] down) and the shared expert: 1.56 B parameters.
 torch.optim.Muon takes 2-D parameters only, so it gets the same matrices one expert at a time and no
 norms. Prints ms per step (median of CUDA-event timings), ratios, the part spent in Newton-Schulz,
 its flops and the rate achieved, and NS accuracy against fp64.
+
+--sharded simulates N data-parallel ranks on one device: every matrix is orthogonalized whole, once,
+on one rank (`k2rl.optim.batched`'s split of each same-shape batch, as under ZeRO 0-3), so a rank's
+Newton-Schulz work is its share of the matrices, timed here alone. The other passes of the step
+(momentum, decay, update) run on 1/N of the elements under ZeRO 1-3; the all-gathers are not timed.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import time
 
 import torch
 
-from k2rl.optim.batched import orthogonalize_all
+from k2rl.optim.batched import orthogonalize_all, share_bounds
 from k2rl.optim.build import muonclip_param_groups
 from k2rl.optim.muonclip import MuonClip
 from k2rl.optim.newton_schulz import orthogonalize, use_gram
@@ -145,6 +151,44 @@ def bench(small: bool, iters: int) -> None:
     print("NS5 relative error vs fp64 on one expert matrix: " + ", ".join(f"{k} {v:.2e}" for k, v in err.items()))
 
 
+def rank_matrices(matrices: list[torch.Tensor], world: int, rank: int) -> list[torch.Tensor]:
+    """The matrices `rank` of `world` orthogonalizes: its rows of each same-shape batch."""
+    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for m in matrices:
+        by_shape.setdefault(tuple(m.shape[-2:]), []).append(m)
+    out = []
+    for batch in (torch.cat(group) for group in by_shape.values()):
+        lo, hi = share_bounds(batch.shape[0], world, rank)
+        if hi > lo:
+            out.append(batch[lo:hi])
+    return out
+
+
+def bench_sharded(small: bool, iters: int, worlds: tuple[int, ...] = (2, 4, 8)) -> None:
+    """MuonClip's step at N = 1 and each rank's Newton-Schulz at N data-parallel ranks (the busiest rank)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    params = make_params(layer_shapes(small), device)
+    opt = MuonClip(muonclip_param_groups(params.items()), lr=LR, weight_decay=WD)
+    step_ms = median_ms(opt.step, iters)
+    group = opt.param_groups[0]
+    matrices = [opt.state[p]["momentum_buffer"].view(-1, rows, p.shape[-1])
+                for p, rows in zip(group["params"], group["matrix_rows"])]
+    ns_ms = median_ms(lambda: orthogonalize_all(matrices, 5, opt.ns_dtype), iters)
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(f"N=1: MuonClip step {step_ms:.2f} ms, Newton-Schulz {ns_ms:.2f} ms ({ns_ms / step_ms:.0%})")
+    print(f"{'N':>3}{'NS ms/rank':>12}{'x N=1 NS':>10}{'busiest/ideal':>15}{'est. step ms/rank':>19}")
+    for world in worlds:
+        counts = [sum(m.shape[0] for m in rank_matrices(matrices, world, r)) for r in range(world)]
+        busiest = max(range(world), key=lambda r: counts[r])
+        mine = rank_matrices(matrices, world, busiest)
+        rank_ns = median_ms(lambda: orthogonalize_all(mine, 5, opt.ns_dtype), iters)
+        flops_share = sum(m.shape[0] * ns_flops(*m.shape[-2:]) for m in mine) / sum(
+            m.shape[0] * ns_flops(*m.shape[-2:]) for m in matrices)
+        estimate = rank_ns + (step_ms - ns_ms) / world
+        print(f"{world:>3}{rank_ns:>12.2f}{rank_ns / ns_ms:>10.3f}{flops_share * world:>15.2f}{estimate:>19.2f}")
+    print("est. step = NS of the busiest rank + the rest of the N=1 step / N (all-gathers not included)")
+
+
 def profile(small: bool) -> None:
     """Kernel-level breakdown of one MuonClip step (which matmuls and elementwise passes cost what)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,5 +210,11 @@ if __name__ == "__main__":
     parser.add_argument("--small", action="store_true", help="tiny shapes, to check the script on a CPU")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="print a kernel breakdown of one MuonClip step")
+    parser.add_argument("--sharded", action="store_true", help="the step at N = 1 and NS per rank at N = 2, 4, 8")
     args = parser.parse_args()
-    (profile(args.small) if args.profile else bench(args.small, args.iters))
+    if args.profile:
+        profile(args.small)
+    elif args.sharded:
+        bench_sharded(args.small, args.iters)
+    else:
+        bench(args.small, args.iters)

@@ -118,3 +118,20 @@ def _weights_of_checkpoint(model_dir) -> dict[str, torch.Tensor]:
     from k2rl.model.modeling import export_weights
 
     return dict(export_weights(load_model(model_dir, torch.float32)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_k2rl_train_runs_muonclip_under_zero(stage, tiny_model_dir, tmp_path):
+    """`k2rl train configs/tiny-cpu.yaml --set train.zero_stage=N` (MuonClip, two workers): steps,
+    QK-Clip and a checkpoint."""
+    from test_train_run import _cmd, _metrics, _run
+
+    done = _run(_cmd(tmp_path, "zero", tiny_model_dir, f"train.zero_stage={stage}", "schedule.steps=2",
+                     "schedule.eval_every=0", "schedule.checkpoint_every=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _metrics(tmp_path / "zero")
+    assert [r["step"] for r in rows][-2:] == [1, 2]
+    for row in rows[-2:]:
+        assert row.get("train/grad_norm", 0) > 0 and "attn/clipped_heads" in row, row
+    assert (tmp_path / "zero" / "checkpoints" / "latest").read_text().strip() == "step_2"

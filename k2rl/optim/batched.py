@@ -42,8 +42,8 @@ def _orthogonalize_bucket(slabs, shape, steps, dtype, group) -> torch.Tensor:
     total = sum(s.shape[0] for s in slabs)
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
+    lo, hi = share_bounds(total, world, rank)
     share = math.ceil(total / world)
-    lo, hi = min(rank * share, total), min((rank + 1) * share, total)
     mine = torch.empty((share, *shape), dtype=dtype, device=slabs[0].device)
     _normalize_rows(slabs, lo, hi, mine)
     if world == 1:
@@ -54,6 +54,12 @@ def _orthogonalize_bucket(slabs, shape, steps, dtype, group) -> torch.Tensor:
     everything = torch.empty((world * share, *shape), dtype=dtype, device=mine.device)
     dist.all_gather_into_tensor(everything, mine, group=group)
     return everything[:total]
+
+
+def share_bounds(total: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a same-shape batch of `total` matrices that `rank` of `world` orthogonalizes."""
+    share = math.ceil(total / world)
+    return min(rank * share, total), min((rank + 1) * share, total)
 
 
 def _normalize_rows(slabs: list[torch.Tensor], lo: int, hi: int, into: torch.Tensor) -> None:
