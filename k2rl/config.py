@@ -42,7 +42,8 @@ class RolloutEngineConfig(Section):
     enforce_eager: bool = True
     sleep_level: Literal[1, 2] = Field(2, description="vLLM sleep mode on GPU: 2 drops weights too (they are replaced after every step)")
     weight_bucket_bytes: int = Field(64 << 20, gt=0, description="trainer -> vLLM weight sync bucket size (ZeRO-3 gathers one bucket at a time)")
-    tensor_parallel_size: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (workers) one vLLM engine spans; engines = workers.num_workers / this")
+    expert_parallel: bool = Field(False, description="split MoE experts whole over the engine's ranks instead of slicing each one (vLLM enable_expert_parallel; GPU only)")
 
 
 class TrainEngineConfig(Section):
@@ -65,6 +66,9 @@ class WorkersConfig(Section):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
     ray_address: str | None = Field(None, description="join a Ray cluster (e.g. auto or ray://head:10001); default: start Ray locally")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the one-accelerator bundles: PACK fills a node before the next (a TP "
+        "engine's ranks share a node), STRICT_SPREAD one worker per node (docs/cluster.md)")
     call_timeout_s: float = Field(1800, gt=0, description="longest a worker call may take before the driver gives up")
 
 
@@ -215,6 +219,17 @@ class JobConfig(Section):
     rewards: RewardsConfig = RewardsConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _engines_divide_workers(self):
+        tp, workers = self.rollout.tensor_parallel_size, self.workers.num_workers
+        if workers % tp:
+            raise ValueError(f"rollout.tensor_parallel_size {tp} must divide workers.num_workers {workers}: each vLLM "
+                             f"engine spans tp workers (engines = workers / tp); set num_workers to a multiple of {tp}")
+        if self.rollout.expert_parallel and tp == 1:
+            raise ValueError("rollout.expert_parallel splits experts over an engine's ranks: it needs "
+                             "rollout.tensor_parallel_size > 1")
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -11,9 +11,12 @@ A call in the wrong phase raises `PhaseError` naming the worker, its phase and t
 A switch that fails leaves the worker in SWITCHING, where only `stats` answers.
 
 `WorkerGroup` is the driver's handle: it places N workers in a Ray placement group (one bundle per
-accelerator), makes them one torch.distributed world (DeepSpeed data parallel), fans calls out
-(splitting prompts and batches across workers) and turns a dead worker into `WorkerFailed`, naming
-the worker and its phase, as soon as Ray reports the death. The driver never holds a model.
+accelerator, on one node or several; ranks numbered node by node), makes them one torch.distributed
+world (DeepSpeed data parallel; the rendezvous on rank 0's node IP), groups every
+`rollout.tensor_parallel_size` consecutive workers into one vLLM engine, fans calls out (prompts split
+over engines, batches over workers) and turns a dead worker into `WorkerFailed`, naming the worker,
+its node (IP and Ray node id; whether the node itself died) and its phase, as soon as Ray reports the
+death. The driver never holds a model. docs/cluster.md has the multi-node launch recipe.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ from k2rl.engines.train import LossFn, TrainEngine
 from k2rl.engines.types import Generation, SamplingConfig, TokenBatch
 
 # Environment the actors need before importing vLLM / DeepSpeed (see PLATFORM.md).
+# Ray marks a node dead after health_check_failure_threshold (5) missed checks every
+# health_check_period_ms (3 s): wait that long before reporting a node as alive.
+NODE_DEATH_WAIT_S = 20.0
 _ACTOR_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED")
 
 
@@ -74,26 +80,35 @@ class Worker:
 
     # ---- set-up ----------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
-        """This host's address and a free port, for rank 0 to host the torch.distributed rendezvous."""
-        host = socket.gethostbyname(socket.gethostname())
+        """This node's IP as Ray knows it (reachable from the other nodes, unlike the hostname, which
+        may resolve to a loopback address) and a port free on this node: rank 0 hosts the rendezvous."""
+        import ray
+
         with socket.socket() as s:
             s.bind(("", 0))
-            return host, s.getsockname()[1]
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
 
-    def pid(self) -> int:
-        return os.getpid()
+    def location(self) -> tuple[int, str, str]:
+        """(pid, node IP, Ray node id): what a failure report names."""
+        import ray
+
+        return os.getpid(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def setup(self, model_dir: str, job: dict, master: tuple[str, int], reference_dir: str | None = None) -> None:
         """Build the trainer (joining the DeepSpeed world), offload it, then vLLM: start in ROLLOUT."""
         self.job = JobConfig.model_validate(job)
+        if not (Path(model_dir) / "config.json").exists():
+            raise FileNotFoundError(f"worker {self.rank}: model directory {model_dir} is not on this node; on a "
+                                    "cluster the run directory must be on a filesystem every node mounts (docs/cluster.md)")
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         with self._timed("time/setup_train"):
             self.train = TrainEngine(model_dir, self.job, reference_dir=reference_dir)
             self.train.offload()
-        with self._timed("time/setup_rollout"):
+        with self._timed("time/setup_rollout"):  # the ranks of one engine share its seed
+            engine = self.rank // self.job.rollout.tensor_parallel_size
             self.rollout = RolloutEngine.from_config(model_dir, self.job.rollout, self.job.model.dtype,
-                                                     self.job.run.seed + self.rank)
+                                                     self.job.run.seed + engine)
         self.phase = Phase.ROLLOUT
 
     # ---- rollout phase ---------------------------------------------------------------------------
@@ -211,40 +226,48 @@ class WorkerGroup:
     def __init__(self, model_dir: str | Path, job: JobConfig, reference_dir: str | Path | None = None):
         """`reference_dir`: a frozen reference policy each trainer holds for the KL term."""
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             ray.init(address=job.workers.ray_address, log_to_driver=False)
         w = job.workers
         self.num_workers, self.timeout = w.num_workers, w.call_timeout_s
+        self.tp = job.rollout.tensor_parallel_size
         bundle = {"CPU": w.cpus_per_worker, **({"GPU": w.gpus_per_worker} if w.gpus_per_worker else {})}
-        self.pg = placement_group([bundle] * w.num_workers, strategy="PACK")
-        ray.get(self.pg.ready(), timeout=self.timeout)
+        self.pg = placement_group([bundle] * w.num_workers, strategy=w.placement)
+        try:
+            ray.get(self.pg.ready(), timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise WorkerFailed(f"Ray could not place {w.num_workers} workers of {bundle} ({w.placement}) within "
+                               f"{self.timeout:.0f}s; the cluster has {ray.cluster_resources()}") from None
         env = {k: os.environ[k] for k in _ACTOR_ENV if k in os.environ}
         actor = ray.remote(Worker)
         self.actors = [
             actor.options(num_cpus=w.cpus_per_worker, num_gpus=w.gpus_per_worker, max_restarts=0,
                           runtime_env={"env_vars": env},
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i))
-            .remote(i, w.num_workers)
-            for i in range(w.num_workers)]
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=b))
+            .remote(rank, w.num_workers)
+            for rank, b in enumerate(_bundles_by_node(self.pg))]
         self.phase = [Phase.SWITCHING] * w.num_workers
-        self.pids = self._call("pid")
-        master = self._call_one(0, "address")
-        self._call("setup", str(model_dir), job.model_dump(mode="json"), master,
+        self.pids = self.node_ips = self.node_ids = ["?"] * w.num_workers  # until the workers report
+        self.pids, self.node_ips, self.node_ids = map(list, zip(*self._call("location")))
+        self.master = self._call_one(0, "address")
+        self._call("setup", str(model_dir), job.model_dump(mode="json"), self.master,
                    str(reference_dir) if reference_dir is not None else None)
         self.phase = [Phase.ROLLOUT] * w.num_workers
 
     # ---- fan-out ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
-        """Prompts split into contiguous chunks, one per worker; results in prompt order."""
-        chunks = _chunks(len(prompts), self.num_workers)
+        """Prompts split into contiguous chunks, one per engine; every rank of an engine gets its chunk
+        (tensor-parallel ranks step together) and the first rank's results are kept; in prompt order."""
+        chunks = [c for c in _chunks(len(prompts), self.num_workers // self.tp) for _ in range(self.tp)]
         budgets, seeds = zip(*sampling.per_prompt(len(prompts))) if prompts else ((), ())
         per_worker = [(prompts[lo:hi], dataclasses.replace(sampling, max_tokens=list(budgets[lo:hi]), seed=list(seeds[lo:hi])))
                       for lo, hi in chunks]
         results = self._call_each("generate", per_worker, skip_empty=[hi == lo for lo, hi in chunks])
-        return [g for part in results for g in part]
+        return [g for part in results[::self.tp] for g in part]
 
     def to_train(self) -> None:
         self._call("to_train", next_phase=Phase.TRAIN)
@@ -323,19 +346,50 @@ class WorkerGroup:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 slow = sorted(refs[r] for r in pending)
-                raise WorkerFailed(f"workers {slow} did not finish {method}() within {self.timeout:.0f}s "
-                                   f"(phase {self.phase[slow[0]].value})")
+                raise WorkerFailed(f"workers {slow} ({', '.join(self._where(i) for i in slow)}) did not finish "
+                                   f"{method}() within {self.timeout:.0f}s (phase {self.phase[slow[0]].value})")
             i = refs[ready[0]]
             try:
                 results[i] = ray.get(ready[0])
             except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                raise WorkerFailed(f"worker {i} (pid {self.pids[i] if hasattr(self, 'pids') else '?'}) died during "
-                                   f"{method}() in phase {self.phase[i].value}: {type(e).__name__}") from e
+                # An unreachable actor may be on a lost node: give Ray's health check time to say so.
+                wait = NODE_DEATH_WAIT_S if isinstance(e, ActorUnavailableError) else 0.0
+                raise WorkerFailed(f"worker {i} ({self._where(i)}) died during {method}() in phase "
+                                   f"{self.phase[i].value}: {type(e).__name__}{self._node_death(i, wait)}") from e
             except ray.exceptions.RayTaskError as e:
                 if isinstance(e.cause, PhaseError):
                     raise e.cause from None
                 raise WorkerFailed(f"worker {i} failed in {method}() (phase {self.phase[i].value}): {e.cause!r}") from e
         return results
+
+
+    def _where(self, i: int) -> str:
+        return f"pid {self.pids[i]} on node {self.node_ips[i]} id {self.node_ids[i]}"
+
+    def _node_death(self, i: int, wait_s: float) -> str:
+        """'; its node ... is dead' once Ray marks worker i's node dead (a lost machine, not just a
+        process) within `wait_s`; else nothing."""
+        import ray
+
+        deadline = time.monotonic() + wait_s
+        while True:
+            if any(n["NodeID"] == self.node_ids[i] and not n["Alive"] for n in ray.nodes()):
+                return f"; its node {self.node_ips[i]} id {self.node_ids[i]} is dead"
+            if time.monotonic() >= deadline:
+                return ""
+            time.sleep(0.5)
+
+
+def _bundles_by_node(pg) -> list[int]:
+    """Bundle indices ordered node by node (nodes in order of first appearance), so that consecutive
+    ranks, and hence every tensor-parallel engine, share a node whenever the placement allows."""
+    from ray.util.placement_group import placement_group_table
+
+    node_of = placement_group_table(pg)["bundles_to_node_id"]
+    first = {}
+    for b in sorted(node_of):
+        first.setdefault(node_of[b], b)
+    return sorted(node_of, key=lambda b: (first[node_of[b]], b))
 
 
 def _chunks(n: int, parts: int) -> list[tuple[int, int]]:

@@ -86,6 +86,6 @@ def test_killed_worker_is_named_within_seconds(group, request):
         pytest.skip("one kill is enough; it ends the group")
     os.kill(group.pids[1], signal.SIGKILL)
     start = time.monotonic()
-    with pytest.raises(WorkerFailed, match=r"worker 1 \(pid \d+\) died during generate\(\) in phase ROLLOUT"):
+    with pytest.raises(WorkerFailed, match=r"worker 1 \(pid \d+ on node [\d.]+ id \w+\) died during generate\(\) in phase ROLLOUT"):
         group.generate(PROMPTS * 2, GREEDY)
     assert time.monotonic() - start < 10

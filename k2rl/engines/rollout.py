@@ -35,7 +35,12 @@ class RolloutEngine:
     """One vLLM engine (in-process) on this worker's accelerator, or on the CPU."""
 
     def __init__(self, model_dir, *, dtype="float32", seed=0, max_model_len=2048, kv_cache_memory_bytes=256 << 20,
-                 gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1):
+                 gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1,
+                 expert_parallel=False):
+        """With `tensor_parallel_size` > 1 this is one rank of an engine spanning that many processes of an
+        existing torch.distributed world (RANK/WORLD_SIZE/MASTER_* set, consecutive ranks form an engine):
+        vLLM's external launcher runs the rank in this process; every rank of the engine must get the
+        same prompts and seeds (their schedulers then step in lockstep)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
         from vllm import LLM
 
@@ -47,6 +52,10 @@ class RolloutEngine:
         kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+        if tensor_parallel_size > 1:
+            # Custom all-reduce needs IPC to every GPU of the group; a Ray actor sees only its own.
+            kwargs.update(distributed_executor_backend="external_launcher", enable_expert_parallel=expert_parallel,
+                          disable_custom_all_reduce=True)
         if self.on_gpu:
             kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
             if kv_cache_memory_bytes is not None:
@@ -65,7 +74,7 @@ class RolloutEngine:
         return cls(model_dir, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
-                   tensor_parallel_size=cfg.tensor_parallel_size)
+                   tensor_parallel_size=cfg.tensor_parallel_size, expert_parallel=cfg.expert_parallel)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Per prompt, `sampling.n` generations (outer list in prompt order)."""
