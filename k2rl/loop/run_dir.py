@@ -27,8 +27,9 @@ class RunDir:
             folder.mkdir(parents=True, exist_ok=True)
         dump_config(config, self.path / "config.yaml")
 
-    def write_rollouts(self, step: int, records: list[dict]) -> None:
-        with (self.rollouts / f"step_{step}.jsonl").open("w") as f:
+    def write_rollouts(self, name: str, records: list[dict]) -> None:
+        """rollouts/NAME.jsonl: step_N (training episodes) or eval_step_N (held-out greedy episodes)."""
+        with (self.rollouts / f"{name}.jsonl").open("w") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
 

@@ -140,7 +140,9 @@ class Trainer:
         if not self.eval_tasks:
             return {}
         t0 = time.perf_counter()
-        summary = summarize(self.rollout(self.eval_tasks, 1, 0.0), self.config.rewards.weights)
+        trajectories = self.rollout(self.eval_tasks, 1, 0.0)
+        self.run_dir.write_rollouts(f"eval_step_{self.step}", [_episode_record(t) for t in trajectories])
+        summary = summarize(trajectories, self.config.rewards.weights)
         metrics = {**kind_metrics(summary, "eval"), "eval/process_score": summary["process_score"],
                    "time/eval": time.perf_counter() - t0}
         if self.step == 0:
@@ -156,11 +158,9 @@ class Trainer:
     # ---- bookkeeping -------------------------------------------------------------------------------
     def _save_rollouts(self, trajectories, rewards) -> None:
         keep = self.config.logging.rollouts_per_step
-        records = [{"task_id": t.task_id, "sample": t.sample, "tags": t.tags, "kind": t.kind, "reward": r.total,
-                    "components": r.components, "success": t.success, "wrong_refusal": t.wrong_refusal,
-                    "messages": t.messages, "stats": t.to_dict()["stats"]}
+        records = [{**_episode_record(t), "reward": r.total, "components": r.components}
                    for t, r in list(zip(trajectories, rewards))[:keep]]
-        self.run_dir.write_rollouts(self.step, records)
+        self.run_dir.write_rollouts(f"step_{self.step}", records)
 
     def checkpoint(self) -> Path:
         tmp = self.run_dir.begin_checkpoint(self.step)
@@ -207,6 +207,12 @@ class Trainer:
                 signal.signal(s, handler)
             self.metrics.close()
         return last
+
+
+def _episode_record(t) -> dict:
+    """What a reader needs to judge an episode: the task, its kind, the outcome and the dialog."""
+    return {"task_id": t.task_id, "sample": t.sample, "tags": t.tags, "kind": t.kind, "success": t.success,
+            "wrong_refusal": t.wrong_refusal, "messages": t.messages, "stats": t.to_dict()["stats"]}
 
 
 def _prefixed(train_stats: dict[str, float]) -> dict[str, float]:

@@ -39,7 +39,15 @@ _WORDS = (
     "object array true false null assistant system help information details available unavailable "
     "first last next previous new old all any some each more less than then also only just one two "
     "three four five six seven eight nine ten hundred thousand dollars usd eur from to via between "
-    "I'm I'll don't can't won't it's that's let's done found sent booked paid moved added removed"
+    "I'm I'll don't can't won't it's that's let's done found sent booked paid moved added removed "
+    # the vocabulary of the built-in tool domains (shop, bank, airline, calendar)
+    "shop bank airline sku qty buy drop add item items search show stock placed shipped delivered returned "
+    "cancelled everything sold out name names passenger passengers reservations route fare bags bag credit "
+    "travel seat seats flights accounts account transfers payee payees iban card cards freeze frozen limit "
+    "monthly spending dispute transaction transactions history recent inbox sender read invite events "
+    "start end move delete contact contacts email emails subject conflict move moved keeping length "
+    "customer customer's assistant tools ask refuse what you need lost stolen saved money difference "
+    "settled checked each one alone afford answer type function description parameters properties"
 ).split()
 
 
@@ -90,7 +98,10 @@ def _training_corpus(seed: int = 0, lines: int = 4000) -> list[str]:
 def train_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     """Train the byte-level BPE; special tokens take the first ids, in SPECIAL_TOKENS order."""
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits stay single tokens: ids like O123 or P42 then copy digit by digit, which a small model
+    # learns far more easily than a BPE's arbitrary multi-digit chunks.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
