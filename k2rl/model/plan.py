@@ -28,8 +28,9 @@ from k2rl.model.modeling import build_model
 from k2rl.model.presets import preset_config
 
 GIB = 1 << 30
-# Usable memory as the driver reports it (nvidia-smi memory.total): H200 "141 GB", H100/A100 "80 GB".
-GPU_GIB = {"h200": 143771 / 1024, "80gb": 81559 / 1024}
+# Memory torch can allocate (torch.cuda.mem_get_info total): H200 "141 GB" measured on the lent H200
+# (nvidia-smi says 143771 MiB); H100/A100 "80 GB" as their out-of-memory errors state it.
+GPU_GIB = {"h200": 139.80, "80gb": 79.19}
 # Measured on the H200 with k2-mini (PLATFORM.md): in TRAIN, besides the trainer's weights, ~2 GiB
 # stay in use (CUDA context, allocator, vLLM asleep); after the pinned trainer offload 0.06 GiB stay.
 RUNTIME_GIB = 2.0
