@@ -186,6 +186,8 @@ class RewardWeights(Section):
     budget: float = Field(1.0, description="penalty when an episode ran out of token budget (truncated)")
     wrong_refusal: float = Field(1.0, description="penalty when an action task (no \"refuse\" tag) is left undone "
                                                   "with a refusal: declining must not pay (docs/rewards.md)")
+    format: float = Field(0.5, description="penalty x the share of an episode's tool calls and turns that were "
+                                           "malformed or had unknown tools / invalid arguments")
 
 
 class RewardsConfig(Section):

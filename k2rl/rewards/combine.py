@@ -1,6 +1,7 @@
 """One scalar reward per episode from its parts, weighted by `rewards.weights` (config, or a task's
 own weights): verifiable end state + process (milestones) + rubric score - budget penalty - wrong-refusal
-penalty (an action task declined: see docs/rewards.md for why refusing must not pay).
+penalty (an action task declined: see docs/rewards.md for why refusing must not pay) - format penalty
+(the share of broken calls: RL must not trade valid tool calls for end-state reward).
 
 A part a task does not have (no checker, judge off) is None: it adds nothing and is left out of that
 part's logged mean. Every part is logged per step as reward/NAME, unweighted, beside reward/total.
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 from k2rl.config import RewardWeights
 
-PARTS = ("verifiable", "process", "rubric", "budget", "wrong_refusal")
+PARTS = ("verifiable", "process", "rubric", "budget", "wrong_refusal", "format")
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,14 @@ class RewardParts:
     rubric: float | None = None  # judge score, in [0, 1]
     over_budget: bool = False  # the response hit the task's token budget and was truncated (K2)
     wrong_refusal: bool | None = None  # an action task left undone with a refusal (None: task kind unknown)
+    broken_calls: float = 0.0  # share of tool calls and turns that were malformed or invalid, in [0, 1]
 
 
 @dataclass(frozen=True)
 class Reward:
     total: float
     components: dict[str, float]  # unweighted parts present: verifiable, process, rubric, budget (0 or -1),
-    # wrong_refusal (0 or -1)
+    # wrong_refusal (0 or -1), format (-broken_calls)
 
 
 def combine(parts: RewardParts, weights: RewardWeights) -> Reward:
@@ -36,6 +38,7 @@ def combine(parts: RewardParts, weights: RewardWeights) -> Reward:
     components["budget"] = -1.0 if parts.over_budget else 0.0
     if parts.wrong_refusal is not None:
         components["wrong_refusal"] = -1.0 if parts.wrong_refusal else 0.0
+    components["format"] = -parts.broken_calls
     total = sum(getattr(weights, name) * value for name, value in components.items())
     return Reward(total, components)
 

@@ -69,7 +69,16 @@ class Trajectory:
     def reward_parts(self, rubric: float | None = None) -> RewardParts:
         """What the reward combines for this episode (the rubric score comes from the judge, if any)."""
         return RewardParts(verifiable=float(self.success), process=self.score, rubric=rubric,
-                           over_budget=self.stats.end_reason == "budget", wrong_refusal=self.wrong_refusal)
+                           over_budget=self.stats.end_reason == "budget", wrong_refusal=self.wrong_refusal,
+                           broken_calls=self.broken_calls)
+
+    @property
+    def broken_calls(self) -> float:
+        """Share of attempted calls that failed to be calls: malformed call text (counted once per error),
+        unknown tools and invalid arguments, over all calls attempted; 0 without any."""
+        malformed = self.stats.errors.get("malformed", 0)
+        attempts = self.stats.tool_calls + malformed
+        return (attempts - self.stats.valid_calls) / attempts if attempts else 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
