@@ -51,7 +51,7 @@ def print_table(table: dict[str, dict[str, float]], tasks: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0, help="model init, task stream and sampling seed")
+    parser.add_argument("--seed", type=int, default=0, help="model init and sampling seed (the tasks stay the same)")
     parser.add_argument("--sft-steps", type=int, default=None, help="default: configs/demo-sft.yaml")
     parser.add_argument("--rl-steps", type=int, default=None, help="default: configs/tiny-cpu.yaml")
     parser.add_argument("--eval-tasks", type=int, default=200)
@@ -62,7 +62,7 @@ def main() -> None:
     for name in (sft, rl):
         shutil.rmtree(Path(args.out) / name, ignore_errors=True)
 
-    common = [f"run.output_dir={args.out}", f"run.seed={args.seed}"]
+    common = [f"run.output_dir={args.out}", f"run.seed={args.seed}", f"model.init_seed={args.seed}"]
     sft_steps = [f"schedule.steps={args.sft_steps}"] if args.sft_steps else []
     train("configs/demo-sft.yaml", *common, f"run.name={sft}", *sft_steps)
     sft_model = RunDir(Path(args.out) / sft).latest() / "model"

@@ -24,7 +24,7 @@ def ray_session():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules["test_worker"])  # actors cannot import the test modules
-    ray.init(num_cpus=2, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -29,7 +29,7 @@ def ray_session():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
-    ray.init(num_cpus=4, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, log_to_driver=False, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -46,8 +46,9 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
         if config.workers.ray_address:
             ray.init(address=config.workers.ray_address)
         else:
-            ray.init(num_cpus=max(2, int(config.workers.num_workers * config.workers.cpus_per_worker)),
-                     include_dashboard=False, log_to_driver=False)
+            # "local": a fresh instance, never a cluster another job left running on this machine
+            cpus = max(2, int(config.workers.num_workers * config.workers.cpus_per_worker))
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     if config.algorithm.kl_coef > 0:  # the KL anchor is the run's initial policy, also after a resume
         reference_dir = initial_model(config, run_dir)
     group = WorkerGroup(model_dir, config, reference_dir)
