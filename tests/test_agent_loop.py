@@ -148,8 +148,10 @@ def test_llm_user_speaks_through_the_policy_engine(engine, chat):
     backend = SelfCritiqueBackend(engine, chat)
     shop = load_env("shop")
     sampling = SamplingConfig(temperature=1.0, seed=0, stop_token_ids=list(range(chat.vocab_size)))
-    [t] = run_episodes(engine, chat, lambda: shop(user=LLMUser(backend, max_tokens=8)), shop.tasks(1, seed=2),
-                       sampling=sampling, limits=Limits(max_turns=3))
+    # sampled, not greedy: a random model's greedy reply can be blank, which ends the dialog by design
+    user = lambda: LLMUser(backend, max_tokens=8, temperature=1.0)
+    [t] = run_episodes(engine, chat, lambda: shop(user=user()), shop.tasks(1, seed=2), sampling=sampling,
+                       limits=Limits(max_turns=3))
     replies = [m for m in t.messages[2:] if m["role"] == "user"]
     assert t.stats.turns == 3 and len(replies) == 3 and all(r["content"] for r in replies)
     assert backend.stats.requests == 3
