@@ -124,11 +124,13 @@ def _weights_of_checkpoint(model_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage", [1, 3])
 def test_k2rl_train_runs_muonclip_under_zero(stage, tiny_model_dir, tmp_path):
     """`k2rl train configs/tiny-cpu.yaml --set train.zero_stage=N` (MuonClip, two workers): steps,
-    QK-Clip and a checkpoint."""
+    QK-Clip and a checkpoint. SFT on oracle dialogs, so the gradient is never zero (a random model's
+    RL rollouts all earn the same reward: zero advantages, zero gradient)."""
     from test_train_run import _cmd, _metrics, _run
 
     done = _run(_cmd(tmp_path, "zero", tiny_model_dir, f"train.zero_stage={stage}", "schedule.steps=2",
-                     "schedule.eval_every=0", "schedule.checkpoint_every=2"))
+                     "schedule.eval_every=0", "schedule.checkpoint_every=2", "algorithm.name=sft",
+                     "algorithm.tasks_per_step=4"))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _metrics(tmp_path / "zero")
     assert [r["step"] for r in rows][-2:] == [1, 2]
