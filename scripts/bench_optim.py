@@ -108,6 +108,17 @@ def ns_flops(n: int, m: int, steps: int = 5) -> float:
     return unit * ((4 * r + 14) if use_gram(n, m) else (10 * r + 5)) * (steps / 5)
 
 
+def time_muonclip(params: dict, iters: int):
+    """A MuonClip over `params`: (optimizer, its momentum matrices, step ms, Newton-Schulz-only ms)."""
+    opt = MuonClip(muonclip_param_groups(params.items()), lr=LR, weight_decay=WD)
+    step_ms = median_ms(opt.step, iters)
+    group = opt.param_groups[0]
+    matrices = [opt.state[p]["momentum_buffer"].view(-1, rows, p.shape[-1])
+                for p, rows in zip(group["params"], group["matrix_rows"])]
+    ns_ms = median_ms(lambda: orthogonalize_all(matrices, 5, opt.ns_dtype), iters)
+    return opt, matrices, step_ms, ns_ms
+
+
 def bench(small: bool, iters: int) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = layer_shapes(small)
@@ -116,12 +127,7 @@ def bench(small: bool, iters: int) -> None:
           f"{total / 1e9:.3f} B parameters, fp32")
 
     params = make_params(shapes, device)
-    opt = MuonClip(muonclip_param_groups(params.items()), lr=LR, weight_decay=WD)
-    muon_ms = median_ms(opt.step, iters)
-    group = opt.param_groups[0]
-    matrices = [opt.state[p]["momentum_buffer"].view(-1, rows, p.shape[-1])
-                for p, rows in zip(group["params"], group["matrix_rows"])]
-    ns_ms = median_ms(lambda: orthogonalize_all(matrices, 5, opt.ns_dtype), iters)
+    opt, matrices, muon_ms, ns_ms = time_muonclip(params, iters)
     flops = sum(m.shape[0] * ns_flops(*m.shape[-2:]) for m in matrices)
     del opt, params, matrices
 
@@ -168,12 +174,7 @@ def bench_sharded(small: bool, iters: int, worlds: tuple[int, ...] = (2, 4, 8)) 
     """MuonClip's step at N = 1 and each rank's Newton-Schulz at N data-parallel ranks (the busiest rank)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     params = make_params(layer_shapes(small), device)
-    opt = MuonClip(muonclip_param_groups(params.items()), lr=LR, weight_decay=WD)
-    step_ms = median_ms(opt.step, iters)
-    group = opt.param_groups[0]
-    matrices = [opt.state[p]["momentum_buffer"].view(-1, rows, p.shape[-1])
-                for p, rows in zip(group["params"], group["matrix_rows"])]
-    ns_ms = median_ms(lambda: orthogonalize_all(matrices, 5, opt.ns_dtype), iters)
+    opt, matrices, step_ms, ns_ms = time_muonclip(params, iters)
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(f"N=1: MuonClip step {step_ms:.2f} ms, Newton-Schulz {ns_ms:.2f} ms ({ns_ms / step_ms:.0%})")
     print(f"{'N':>3}{'NS ms/rank':>12}{'x N=1 NS':>10}{'busiest/ideal':>15}{'est. step ms/rank':>19}")
