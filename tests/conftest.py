@@ -110,4 +110,24 @@ def world_of_one():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    _no_process_group()
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    yield
+    _no_process_group()
+
+
+def _no_process_group() -> None:
+    """Drop any torch.distributed group (and DeepSpeed's handle on it) an earlier module left in this
+    process: an in-process vLLM engine's teardown destroys the default group whenever the garbage
+    collector reaches it, which broke a later module's DeepSpeed world that had reused that group."""
+    import deepspeed.comm
+    import deepspeed.utils.groups
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except ValueError:  # vLLM already tore it down and unregistered it: only the default handle is left
+            dist.distributed_c10d._update_default_pg(None)
+    deepspeed.comm.cdb = None
+    deepspeed.utils.groups._WORLD_GROUP = None  # DeepSpeed caches the world group it first saw
