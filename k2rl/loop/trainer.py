@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -212,7 +213,7 @@ class Trainer:
 def _episode_record(t) -> dict:
     """What a reader needs to judge an episode: the task, its kind, the outcome and the dialog."""
     return {"task_id": t.task_id, "sample": t.sample, "tags": t.tags, "kind": t.kind, "success": t.success,
-            "wrong_refusal": t.wrong_refusal, "messages": t.messages, "stats": t.to_dict()["stats"]}
+            "wrong_refusal": t.wrong_refusal, "messages": t.messages, "stats": asdict(t.stats)}
 
 
 def _prefixed(train_stats: dict[str, float]) -> dict[str, float]:
