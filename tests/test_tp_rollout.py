@@ -1,9 +1,10 @@
 """One vLLM engine spanning two workers (tensor parallel 2, vLLM's external launcher: one engine rank
 in each worker process, inside the DeepSpeed world): after a train step and a weight sync it decodes
 the same greedy tokens as a single-process engine on the trained checkpoint. Config validation of
-engines = workers / tp."""
+engines = workers / tp. A dead run's shared-memory leftovers do not block a start."""
 import gc
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,10 @@ def ray_session():
     False, pytest.param(True, marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason=EP_ON_CPU)])])
 def test_tp2_engine_after_sync_decodes_like_one_engine(ray_session, tiny_model_dir, tmp_path, expert_parallel):
     gpu = torch.cuda.is_available()
+    left_by_vllm = [Path(f"/dev/shm/-tp:0-[0-1]-cpushm_{rank}") for rank in range(2)]
+    for path in left_by_vllm:  # what vLLM leaves behind under its own names: must not block a start
+        path.touch()
+    shm_before = set(Path("/dev/shm").iterdir())
     dtype = "bfloat16" if gpu else "float32"  # vLLM's GPU MLA has no fp32
     job = JobConfig(optimizer={"name": "adamw", "lr": 2e-3}, train={"zero_stage": 1}, model={"dtype": dtype},
                     rollout={"max_model_len": 512, "weight_bucket_bytes": 256 << 10, "tensor_parallel_size": 2,
@@ -50,7 +55,10 @@ def test_tp2_engine_after_sync_decodes_like_one_engine(ray_session, tiny_model_d
         after = [g[0].token_ids for g in group.generate(PROMPTS, GREEDY)]
     finally:
         group.shutdown()
+        for path in left_by_vllm:
+            path.unlink()
     assert after != [g[0].token_ids for g in before]  # the sync reached both engine ranks
+    assert not [p for p in set(Path("/dev/shm").iterdir()) - shm_before if "cpushm" in p.name]  # none leaked
     single = RolloutEngine(tmp_path / "ckpt", dtype=dtype, max_model_len=512)
     expected = [g[0].token_ids for g in single.generate(PROMPTS, GREEDY)]
     # vLLM's teardown destroys torch.distributed's default group: let it run now, not when the garbage

