@@ -88,6 +88,9 @@ class OptimizerConfig(Section):
     qk_clip: bool = True
     qk_clip_tau: float = Field(100.0, gt=0, description="QK-Clip threshold on each head's max pre-softmax logit (K2: 100)")
     warmup_steps: int = Field(0, ge=0)
+    decay: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="after warmup, lr decays to min_lr_ratio x lr by the last of schedule.steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
 
 
 class TemperatureSchedule(Section):
@@ -108,7 +111,7 @@ class AlgorithmConfig(Section):
     aggregation: Literal["token", "sequence"] = Field("token", description="grpo/ppo: mean over tokens, or per sequence then over sequences")
     kl_coef: float = Field(0.0, ge=0, description="grpo/ppo: k3 KL to the reference policy (the run's initial model, held frozen by each trainer)")
     ptx_coef: float = Field(0.0, ge=0, description="K2 PTX: weight of the next-token loss on ptx_dataset mixed into RL batches")
-    ptx_dataset: str | None = Field(None, description="JSONL of {messages, tools} or {token_ids, loss_mask}")
+    ptx_dataset: str | None = Field(None, description="JSONL of {messages, tools} or {token_ids, loss_mask}; or `oracle`: the scripted solutions of fresh training tasks (the SFT cold start's data)")
     truncated_is_cap: float | None = Field(None, gt=0, description="truncated importance weights min(pi_train/pi_vllm, cap); off when null")
     epochs_per_step: int = Field(1, ge=1)
     max_new_tokens: int = Field(256, gt=0, description="per assistant turn")
@@ -117,7 +120,7 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _ptx_needs_data(self):
         if self.ptx_coef > 0 and not self.ptx_dataset:
-            raise ValueError("ptx_coef > 0 needs algorithm.ptx_dataset (a JSONL of SFT conversations)")
+            raise ValueError("ptx_coef > 0 needs algorithm.ptx_dataset (a JSONL of SFT conversations, or oracle)")
         if self.kl_coef > 0 and self.name not in ("grpo", "ppo"):
             raise ValueError(f"kl_coef applies to grpo and ppo; {self.name!r} has none (k2 regularizes "
                              "toward the sampling policy with tau)")

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from k2rl.optim.batched import orthogonalize_all, share_bounds
+from k2rl.optim.batched import orthogonalize_all, same_shape_batches, share_bounds
 from k2rl.optim.build import muonclip_param_groups
 from k2rl.optim.muonclip import MuonClip
 from k2rl.optim.newton_schulz import orthogonalize, use_gram
@@ -159,12 +159,10 @@ def bench(small: bool, iters: int) -> None:
 
 def rank_matrices(matrices: list[torch.Tensor], world: int, rank: int) -> list[torch.Tensor]:
     """The matrices `rank` of `world` orthogonalizes: its rows of each same-shape batch."""
-    by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
-    for m in matrices:
-        by_shape.setdefault(tuple(m.shape[-2:]), []).append(m)
     out = []
-    for batch in (torch.cat(group) for group in by_shape.values()):
-        lo, hi = share_bounds(batch.shape[0], world, rank)
+    for bucket, (_, members) in enumerate(same_shape_batches(matrices)):
+        batch = torch.cat([matrices[i] for i in members])
+        lo, hi = share_bounds(batch.shape[0], world, rank, bucket)
         if hi > lo:
             out.append(batch[lo:hi])
     return out

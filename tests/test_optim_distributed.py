@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from k2rl.config import OptimizerConfig
 from k2rl.model.checkpoint import load_model
 from k2rl.optim import apply_qk_clip, build_optimizer
+from k2rl.optim.batched import share_bounds
 
 WORLD, MICRO, STEPS = 2, 2, 3
 # fp32 NS and a moderate lr, so that the only difference from one process (the order of the gradient
@@ -70,3 +71,19 @@ def test_two_ranks_identical_and_match_single_process(tiny_model_dir, tmp_path):
         assert torch.equal(weight, ranks[1]["weights"][name]), f"ranks differ on {name}"
         moved = (single[name] - start[name]).norm()
         assert (weight - single[name]).norm() <= 1e-3 * moved + 1e-6, name
+
+
+def test_small_batches_spread_over_ranks_and_cover_every_row():
+    """Batches with fewer matrices than ranks start at rotating ranks (not all on rank 0); every row of
+    every batch is still computed by exactly one rank."""
+    world = 4
+    totals = [1, 1, 1, 1, 2, 2, 9]  # e.g. single projections, then a stack of experts
+    rows_per_rank = [0] * world
+    for bucket, total in enumerate(totals):
+        covered = []
+        for rank in range(world):
+            lo, hi = share_bounds(total, world, rank, bucket)
+            covered += range(lo, hi)
+            rows_per_rank[rank] += hi - lo
+        assert sorted(covered) == list(range(total))
+    assert max(rows_per_rank) - min(rows_per_rank) <= 2  # without the rotation: 9 / 5 / 3 / 0

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.train import TrainEngine
+from k2rl.config import OptimizerConfig
+from k2rl.engines.train import TrainEngine, lr_multiplier
 from k2rl.engines.types import TokenBatch
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
@@ -21,6 +22,15 @@ def nll_loss(new_logprobs, batch):
 def engine(tiny_model_dir, world_of_one):
     job = JobConfig(optimizer={"name": "adamw", "lr": 1e-2}, train={"zero_stage": 1, "micro_batch_tokens": 16})
     return TrainEngine(tiny_model_dir, job)
+
+
+def test_lr_warms_up_then_decays_to_the_floor():
+    cosine = lr_multiplier(OptimizerConfig(warmup_steps=10, decay="cosine", min_lr_ratio=0.1), total_steps=110)
+    assert [cosine(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [cosine(s) for s in (10, 60, 110, 500)] == pytest.approx([1.0, 0.55, 0.1, 0.1])
+    linear = lr_multiplier(OptimizerConfig(decay="linear", min_lr_ratio=0.0), total_steps=100)
+    assert [linear(s) for s in (0, 25, 100)] == pytest.approx([1.0, 0.75, 0.0])
+    assert lr_multiplier(OptimizerConfig(), total_steps=100)(99) == 1.0  # constant: the default
 
 
 def test_micro_batches_respect_token_budget():

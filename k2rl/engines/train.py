@@ -21,6 +21,7 @@ so a rank with fewer micro-batches runs extra ones with weight zero.
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from k2rl.config import JobConfig
+from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.offload import PinnedOffloader
 from k2rl.engines.types import TokenBatch, concat_batches
 from k2rl.model.checkpoint import load_model, save_weights, write_config
@@ -108,8 +109,7 @@ class TrainEngine:
         if job_cfg.train.zero_stage == 3:
             mark_experts_as_zero3_leaves(model)
         optimizer = build_optimizer(model, job_cfg)
-        warmup = job_cfg.optimizer.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(job_cfg.optimizer, job_cfg.schedule.steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job_cfg, self.on_gpu))
         self.model = self.engine.module
@@ -330,3 +330,17 @@ def _bucket(named, dtype: torch.dtype | None, always_copy: bool) -> list[tuple[s
         offsets[d] += tensor.numel()
         out.append((name, view))
     return out
+
+
+def lr_multiplier(opt: OptimizerConfig, total_steps: int) -> Callable[[int], float]:
+    """lr factor at optimizer step s: linear warmup over `warmup_steps`, then `decay` from 1 down to
+    `min_lr_ratio` at `total_steps` (held there after)."""
+    def at(step: int) -> float:
+        if step < opt.warmup_steps:
+            return (step + 1) / opt.warmup_steps
+        if opt.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - opt.warmup_steps) / max(1, total_steps - opt.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if opt.decay == "cosine" else 1 - progress
+        return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * shape
+    return at

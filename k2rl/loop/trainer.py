@@ -44,7 +44,8 @@ class Trainer:
         self.objective = Objective(config.algorithm)
         self.limits = Limits.from_config(config.env, config.algorithm.max_new_tokens, config.rollout.max_model_len)
         self.judge = make_judge(config.rewards.judge, engine=self.group, model_dir=self.model_dir)  # None when off
-        self.ptx = load_sft_file(config.algorithm.ptx_dataset, self.chat) if config.algorithm.ptx_coef > 0 else []
+        algo = config.algorithm
+        self.ptx = load_sft_file(algo.ptx_dataset, self.chat) if algo.ptx_coef > 0 and algo.ptx_dataset != "oracle" else []
         self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
                                   resume_step=start_step if start_step else None)
         self.stop_requested = False
@@ -69,7 +70,7 @@ class Trainer:
                                         cfg.rewards.weights, self.judge)
         t_judge = time.perf_counter()
         batch = trajectory_batch(trajectories, advantages(rewards, algo.samples_per_task, algo))
-        if self.ptx:
+        if algo.ptx_coef > 0:
             batch = self._with_ptx(batch)
         self.group.to_train()
         batch.token_data["old_logprobs"] = self.group.logprobs(batch)
@@ -113,10 +114,14 @@ class Trainer:
                 "perf/tokens_per_s": tokens / max(elapsed, 1e-9)}
 
     def _with_ptx(self, batch):
-        """Mix PTX sequences (as many as RL sequences, cycling through the dataset) into the RL batch."""
+        """Mix PTX sequences (as many as RL sequences) into the RL batch: the oracle's solutions of fresh
+        training tasks, or the next ones of the dataset, cycling."""
         count = len(batch)
-        start = (self.step * count) % len(self.ptx)
-        picked = [self.ptx[(start + i) % len(self.ptx)] for i in range(count)]
+        if self.config.algorithm.ptx_dataset == "oracle":
+            picked = self.oracle_examples(count)
+        else:
+            start = (self.step * count) % len(self.ptx)
+            picked = [self.ptx[(start + i) % len(self.ptx)] for i in range(count)]
         extra = sft_batch(picked)
         for key in batch.token_data:
             extra.token_data[key] = [torch.zeros(len(ids)) for ids in extra.input_ids]
