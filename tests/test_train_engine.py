@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from k2rl.config import JobConfig
-from k2rl.config import OptimizerConfig
+from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.train import TrainEngine, lr_multiplier
 from k2rl.engines.types import TokenBatch
 from k2rl.model.checkpoint import load_model
