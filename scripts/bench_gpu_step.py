@@ -77,10 +77,22 @@ def job_config(args):
 
 
 def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
-    """Mean and max |vLLM - trainer| logprob over the batch's sampled tokens (the worker's own metric)."""
-    worker.logprobs(batch)
-    stats = worker.stats()
-    return {f"{prefix}_mean": stats["mismatch/logprob_abs"], f"{prefix}_max": stats["mismatch/logprob_abs_max"]}
+    """Mean and max |vLLM - trainer| logprob over the batch's sampled tokens (the worker's own metric),
+    with routing replay when the batch carries vLLM's routing, and then without it."""
+    from k2rl.engines.types import ROUTED_EXPERTS
+
+    out = {}
+    for replay in (True, False):
+        if ROUTED_EXPERTS not in batch.token_data:
+            replay = False
+        worker.logprobs(batch)
+        stats = worker.stats()
+        name = f"{prefix}{'_replay' if replay else ''}"
+        out.update({f"{name}_mean": stats["mismatch/logprob_abs"], f"{name}_max": stats["mismatch/logprob_abs_max"]})
+        if not replay:
+            return out
+        batch.token_data.pop(ROUTED_EXPERTS)
+    return out
 
 
 def nll(new_logprobs, batch):
@@ -88,12 +100,22 @@ def nll(new_logprobs, batch):
     return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
 
 
-def standalone_tokens_per_s(model_dir, job, prompts, sampling) -> float:
+def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine: bool) -> float:
     """Plain vLLM, as a user would start it, with the rollout engine's settings (run in a process of
-    its own: a second engine in the worker's process fails in its compiled kernels)."""
+    its own: a second engine in the worker's process fails in its compiled kernels); or the project's
+    RolloutEngine alone (sleep mode, structured-output backend, routing replay; no trainer beside it),
+    which tells the engine's settings apart from the colocation."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    if as_rollout_engine:
+        from k2rl.engines.rollout import RolloutEngine
+        from k2rl.engines.types import SamplingConfig
+
+        engine = RolloutEngine.from_config(model_dir, job.rollout, job.model.dtype, job.run.seed)
+        engine.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
+        outs, seconds = timed(lambda: engine.generate(prompts, sampling))
+        return sum(len(g.token_ids) for (g,) in outs) / seconds
     r = job.rollout
     kwargs = dict(model=str(model_dir), dtype=job.model.dtype, seed=job.run.seed, max_model_len=r.max_model_len,
                   enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization)
@@ -159,7 +181,7 @@ def main() -> None:
     ap.add_argument("--train-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the figures here")
-    ap.add_argument("--standalone-only", action="store_true", help=argparse.SUPPRESS)  # the baseline's own process
+    ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     args = ap.parse_args()
 
     from k2rl.engines.types import SamplingConfig, TokenBatch
@@ -176,7 +198,8 @@ def main() -> None:
     prompts = [torch.randint(20, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
     sampling = SamplingConfig(temperature=1.0, max_tokens=args.new_tokens, seed=1)
     if args.standalone_only:
-        print(json.dumps({"standalone_tokens_per_s": standalone_tokens_per_s(model_dir, job, prompts, sampling)}))
+        tokens_per_s = standalone_tokens_per_s(model_dir, job, prompts, sampling, args.standalone_only == "engine")
+        print(json.dumps({"standalone_tokens_per_s": tokens_per_s}))
         return
     train_batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.train_seqs, args.seq_len), generator=gen).tolist())
     try:
@@ -185,8 +208,8 @@ def main() -> None:
         print_figures(out, args.json)
 
 
-def standalone_in_own_process(args, model_dir) -> float:
-    cmd = [sys.executable, __file__, "--standalone-only", "--model-dir", str(model_dir), "--config", args.config,
+def standalone_in_own_process(args, model_dir, kind: str) -> float:
+    cmd = [sys.executable, __file__, "--standalone-only", kind, "--model-dir", str(model_dir), "--config", args.config,
            "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     cmd += ["--eager"] if args.eager else []
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -242,6 +265,10 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     out.update({k: switch[k] for k in ("time/sleep", "time/reload", "time/wake", "time/sync", "time/offload",
                                        "sync/bytes", "sync/gb_per_s") if k in switch})
     out["memory/rollout_after_sync"] = used_gib()
+    worker.to_train()  # the trainer's export alone (cast into buckets), without vLLM's load: the sync's floor
+    _, out["sync/export_only_s"] = timed(lambda: sum(1 for _ in worker.train.export_weights(
+        job.rollout.weight_bucket_bytes, worker.rollout.dtype)))
+    worker.to_rollout()
 
     after, seconds = timed(lambda: worker.generate(prompts, sampling))
     out["rollout/tokens_per_s_after_reload"] = sum(len(g.token_ids) for (g,) in after) / seconds
@@ -255,8 +282,11 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
         out["baseline/grouped_mm_tokens_per_s"] = grouped_mm_tokens_per_s(model_dir, train_batch)
         out["baseline/grouped_mm_mfu"] = (6 * active_params(config) * out["baseline/grouped_mm_tokens_per_s"]
                                           / (PEAK_TFLOPS * 1e12))
-        out["baseline/standalone_vllm_tokens_per_s"] = standalone_in_own_process(args, model_dir)
+        out["baseline/standalone_vllm_tokens_per_s"] = standalone_in_own_process(args, model_dir, "vllm")
         out["rollout/vs_standalone"] = out["rollout/tokens_per_s"] / out["baseline/standalone_vllm_tokens_per_s"]
+        out["baseline/engine_alone_tokens_per_s"] = standalone_in_own_process(args, model_dir, "engine")
+        out["rollout/engine_alone_vs_standalone"] = (out["baseline/engine_alone_tokens_per_s"]
+                                                     / out["baseline/standalone_vllm_tokens_per_s"])
         out["train/vs_grouped_mm"] = out["train/tokens_per_s"] / out["baseline/grouped_mm_tokens_per_s"]
         out["sync/vs_device_copy"] = out["sync/gb_per_s"] / out["sync/device_copy_gb_per_s"]
 

@@ -1,18 +1,19 @@
 """Where the vLLM-trainer logprob gap comes from (issue 12, item 2), on one model directory:
 
-1. the whole-model gap (sampled tokens, as `k2rl.model.agreement`) for vLLM as configured and with the
-   router's logits in fp32 (`moe_router_dtype`), against the trainer in bf16 weights and in the
-   training set-up (fp32 weights, bf16 autocast);
+1. the whole-model gap (sampled tokens, as `k2rl.model.agreement`) without and with routing replay
+   (vLLM returns its experts, the trainer reuses them: k2rl.model.routing), against the trainer in
+   bf16 weights and in the training set-up (fp32 weights, bf16 autocast); with replay also the share
+   of (token, MoE layer) pairs where the trainer alone would have picked other experts;
 2. MoE layer by layer, isolated: each MoE layer's input is captured inside vLLM (forward hooks, one
    prefill) and fed to the trainer's same layer, so the difference is that layer's alone: relative
-   error of the output, router-logit difference, and the share of tokens whose top-k expert sets agree.
+   error of the output, router-logit difference, and the share of tokens whose top-k expert sets agree;
+3. the residual stream after each decoder layer, vLLM vs trainer, on one prompt.
 
     python scripts/gpu_gap.py MODEL_DIR [--dtype bfloat16]
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -64,24 +65,47 @@ def residual_stream_report(llm, trainer, prompt) -> None:
         print(f"layer {i:2d} residual stream rel err {rel:.3e}", flush=True)
 
 
-def sampled_gap(llm, trainer, prompts, tokens: int, autocast: bool) -> tuple[float, float]:
+def sample(llm, prompts, tokens: int):
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from k2rl.model.modeling import completion_logprobs
-
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
                         SamplingParams(max_tokens=tokens, temperature=1.0, logprobs=0, seed=0, ignore_eos=True),
                         use_tqdm=False)
-    gaps = []
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+
+
+def vllm_routing(completion, prompt, config) -> torch.Tensor:
+    """[1, len(prompt + completion), moe_layers, top_k] from vLLM's routed experts, -1 where it has none."""
+    from k2rl.model.routing import moe_layer_ids
+
+    routed = torch.from_numpy(completion.routed_experts[:, moe_layer_ids(config)].astype("int64"))
+    full = torch.full((len(prompt) + len(completion.token_ids), *routed.shape[1:]), -1, dtype=torch.long)
+    full[:len(routed)] = routed[:len(full)]
+    return full[None]
+
+
+def sampled_gap(outs, trainer, prompts, autocast: bool, replay: bool) -> tuple[float, float, float]:
+    """Mean and max |logprob gap| on the sampled tokens, and (with replay) the share of (token, MoE layer)
+    pairs where the trainer's own top-k set differs from vLLM's."""
+    from k2rl.model.modeling import completion_logprobs
+    from k2rl.model.routing import own_routing, replay_routing
+
+    gaps, flips = [], []
+    device = next(trainer.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for prompt, out in zip(prompts, outs):
             s = out.outputs[0]
             vllm_lp = torch.tensor([step[t].logprob for step, t in zip(s.logprobs, s.token_ids)])
-            gaps.append((completion_logprobs(trainer, prompt, list(s.token_ids)) - vllm_lp).abs())
+            routed = vllm_routing(s, prompt, trainer.config).to(device) if replay else None
+            with replay_routing(trainer, routed):
+                gaps.append((completion_logprobs(trainer, prompt, list(s.token_ids)) - vllm_lp).abs())
+            if replay:
+                own = own_routing(trainer, torch.tensor([prompt + list(s.token_ids)], device=device))
+                known = (routed >= 0).all(-1)
+                differ = (own.sort(-1).values != routed.sort(-1).values).any(-1)
+                flips.append(differ[known].float())
     gap = torch.cat(gaps)
-    return gap.mean().item(), gap.max().item()
+    return gap.mean().item(), gap.max().item(), torch.cat(flips).mean().item() if flips else float("nan")
 
 
 def moe_layers_report(llm, trainer, prompt) -> None:
@@ -130,19 +154,22 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     vocab = trainer_low.config.vocab_size
     prompts = [torch.randint(20, vocab, (8,), generator=gen).tolist() for _ in range(args.prompts)]
-    for name, overrides in [("vLLM as configured", {}), ("router logits fp32", {"moe_router_dtype": "float32"})]:
-        llm = LLM(**vllm_engine_args(args.model_dir, args.dtype, hf_overrides=overrides, gpu_memory_utilization=0.3,
-                                     kv_cache_memory_bytes=2 << 30))
-        mean, top = sampled_gap(llm, trainer_low, prompts, args.tokens, autocast=False)
-        print(f"[{name}] gap vs trainer ({args.dtype} weights): mean {mean:.4g} max {top:.4g}", flush=True)
-        if trainer_fp32 is not None:
-            mean, top = sampled_gap(llm, trainer_fp32, prompts, args.tokens, autocast=True)
-            print(f"[{name}] gap vs trainer (fp32 weights, bf16 autocast): mean {mean:.4g} max {top:.4g}", flush=True)
-        moe_layers_report(llm, trainer_low, prompts[0] * 4)
-        if not overrides:
-            residual_stream_report(llm, trainer_low, prompts[0] * 4)
-        del llm
-        gc.collect()
+    # One engine (a second in the same process fails in its compiled kernels); prefix caching off, so
+    # every report runs the whole prompt through the model.
+    llm = LLM(**vllm_engine_args(args.model_dir, args.dtype, gpu_memory_utilization=0.3, kv_cache_memory_bytes=2 << 30,
+                                 enable_return_routed_experts=True, enable_prefix_caching=False))
+    outs = sample(llm, prompts, args.tokens)
+    trainers = [(f"{args.dtype} weights", trainer_low, False)]
+    if trainer_fp32 is not None:
+        trainers.append(("fp32 weights, bf16 autocast", trainer_fp32, True))
+    for replay in (False, True):
+        for label, trainer, autocast in trainers:
+            mean, top, flips = sampled_gap(outs, trainer, prompts, autocast, replay)
+            extra = f"; trainer alone routes {flips:.2%} of (token, MoE layer) pairs elsewhere" if replay else ""
+            print(f"[routing replay {'on' if replay else 'off'}] gap vs trainer ({label}): mean {mean:.4g} "
+                  f"max {top:.4g}{extra}", flush=True)
+    moe_layers_report(llm, trainer_low, prompts[0] * 4)
+    residual_stream_report(llm, trainer_low, prompts[1] * 4)
 
 
 if __name__ == "__main__":

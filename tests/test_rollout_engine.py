@@ -69,3 +69,10 @@ def test_reload_from_streamed_buckets_matches_trainer(engine, tiny_model_dir):
         assert g.token_ids == greedy_decode(model, prompt, len(g.token_ids))
         gaps.append((trainer_logprobs(model, prompt, g.token_ids) - torch.tensor(g.logprobs)).abs())
     assert torch.cat(gaps).max() < 2e-2
+
+
+def test_routing_replay_on_the_cpu_is_refused_with_the_fix(tiny_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("the GPU records routing: tests/test_worker_gpu.py")
+    with pytest.raises(ValueError, match=r"rollout.routing_replay=false"):
+        RolloutEngine(tiny_model_dir, routing_replay=True)

@@ -4,9 +4,10 @@ import torch
 
 from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.train import TrainEngine, lr_multiplier
-from k2rl.engines.types import TokenBatch
+from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, add_routing
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
+from k2rl.model.routing import own_routing
 
 SEQS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27]]
 
@@ -127,3 +128,15 @@ def test_reference_policy_stays_frozen(tiny_model_dir, world_of_one):
     engine.train_step(batch, nll_loss)
     assert not torch.allclose(torch.cat(engine.logprobs(batch)), torch.cat(before))
     torch.testing.assert_close(torch.cat(engine.reference_logprobs(batch)), torch.cat(before), rtol=0, atol=0)
+
+
+def test_logprobs_and_step_replay_the_batch_routing(engine):
+    """Routing replay through the engine: micro-batches pad the routing rows like the ids."""
+    model, experts = engine.model, engine.model.config.n_routed_experts
+    batch = TokenBatch.from_lists(SEQS)
+    base = engine.logprobs(batch)
+    add_routing(batch, [own_routing(model, torch.tensor([s]))[0].to(torch.int16) for s in SEQS])
+    assert all(torch.equal(a, b) for a, b in zip(engine.logprobs(batch), base))
+    batch.token_data[ROUTED_EXPERTS] = [(r + 1) % experts for r in batch.token_data[ROUTED_EXPERTS]]
+    assert not any(torch.allclose(a[1:], b[1:]) for a, b in zip(engine.logprobs(batch), base))
+    assert engine.train_step(batch, nll_loss)["grad_norm"] > 0

@@ -1,13 +1,14 @@
 """The colocated Worker on one GPU (no Ray; bf16 vLLM with sleep mode, MuonClip trainer with fp32
-master weights): a TRAIN/ROLLOUT round trip without an update keeps outputs and logprobs identical,
-and after a train step + sync vLLM and the trainer agree on the sampled tokens."""
+master weights, routing replay): a TRAIN/ROLLOUT round trip without an update keeps outputs and
+logprobs identical, after a train step + sync vLLM and the trainer agree on the sampled tokens, and
+replaying vLLM's routing does not widen the gap (on k2-mini it closes it: scripts/gpu_gap.py)."""
 import socket
 
 import pytest
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.types import SamplingConfig, completion_batch
+from k2rl.engines.types import ROUTED_EXPERTS, SamplingConfig, completion_batch
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [100, 200, 300, 400, 500], [42, 43]] * 4
@@ -25,7 +26,7 @@ def worker(gpu_model_dir):
     from k2rl.worker import Worker
 
     job = JobConfig(model={"dtype": "bfloat16"}, optimizer={"name": "muonclip", "lr": 2e-2}, train={"zero_stage": 0},
-                    rollout={"max_model_len": 512, "kv_cache_memory_bytes": 1 << 30})
+                    rollout={"max_model_len": 512, "kv_cache_memory_bytes": 1 << 30, "routing_replay": True})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -34,8 +35,11 @@ def worker(gpu_model_dir):
     return w
 
 
-def gap(worker, generations) -> dict:
-    worker.logprobs(completion_batch(PROMPTS, generations))
+def gap(worker, generations, replay: bool = True) -> dict:
+    batch = completion_batch(PROMPTS, generations)
+    if not replay:
+        del batch.token_data[ROUTED_EXPERTS]
+    worker.logprobs(batch)
     stats = worker.stats()
     return {k: stats[k] for k in ("mismatch/logprob_abs", "mismatch/logprob_abs_max")}
 
@@ -49,7 +53,7 @@ def test_round_trip_without_update_is_bit_identical(worker):
     assert [(g.token_ids, g.logprobs) for (g,) in again] == [(g.token_ids, g.logprobs) for (g,) in first]
 
 
-def test_after_train_step_and_sync_vllm_matches_trainer(worker, capsys):
+def test_after_train_step_and_sync_vllm_matches_trainer(worker):
     before = worker.generate(PROMPTS, SAMPLED)
     worker.to_train()
     gap_before = gap(worker, before)
@@ -61,9 +65,24 @@ def test_after_train_step_and_sync_vllm_matches_trainer(worker, capsys):
     worker.to_train()
     gap_after = gap(worker, after)
     worker.to_rollout()
-    with capsys.disabled():
-        print(f"\nlogprob gap before the step {gap_before}, after step + sync {gap_after}; "
-              f"sync {sync['sync/bytes'] / 1e6:.1f} MB at {sync['sync/gb_per_s']:.2f} GB/s")
+    print(f"\nlogprob gap before the step {gap_before}, after step + sync {gap_after}; "
+          f"sync {sync['sync/bytes'] / 1e6:.1f} MB at {sync['sync/gb_per_s']:.2f} GB/s")
     assert sync["sync/bytes"] < 0.6 * 4 * sum(p.numel() for p in worker.train.model.parameters())  # bf16, not fp32
     assert gap_after["mismatch/logprob_abs"] <= 1.5 * gap_before["mismatch/logprob_abs"] + 1e-3  # sync adds no error
     assert gap_after["mismatch/logprob_abs"] <= GAP_GOAL, gap_after
+
+
+def test_routing_replay_uses_vllm_experts(worker):
+    generations = worker.generate(PROMPTS, SAMPLED)
+    config = worker.train.model.config
+    for prompt, (g,) in zip(PROMPTS, generations):
+        # a row per position vLLM ran (all but the last sampled token), MoE layers only, valid expert ids
+        assert g.routed_experts.shape[0] in (len(prompt) + len(g.token_ids) - 1, len(prompt) + len(g.token_ids))
+        assert g.routed_experts.shape[1:] == (config.num_hidden_layers - config.first_k_dense_replace,
+                                              config.num_experts_per_tok)
+        assert 0 <= int(g.routed_experts.min()) and int(g.routed_experts.max()) < config.n_routed_experts
+    worker.to_train()
+    replayed, own = gap(worker, generations), gap(worker, generations, replay=False)
+    worker.to_rollout()
+    print(f"\nlogprob gap with routing replay {replayed}, without {own}")
+    assert replayed["mismatch/logprob_abs"] <= own["mismatch/logprob_abs"] + 1e-4

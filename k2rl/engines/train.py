@@ -24,6 +24,7 @@ import importlib.util
 import math
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,10 +32,11 @@ import torch.distributed as dist
 
 from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.offload import PinnedOffloader
-from k2rl.engines.types import TokenBatch, concat_batches
+from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, concat_batches
 from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.experts import set_experts_implementation
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
+from k2rl.model.routing import replay_routing
 
 
 LossFn = Callable[[list[torch.Tensor], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
@@ -136,6 +138,16 @@ class TrainEngine:
         logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
         return [logp[i, :n] for i, n in enumerate(lengths)]
 
+    def _replayed_routing(self, mb: TokenBatch, module=None):
+        """A context in which `module` (default: the policy) routes `mb`'s tokens as vLLM did, when the
+        batch carries vLLM's routing (k2rl.model.routing); it must also span the backward pass, where
+        gradient checkpointing runs the routers again."""
+        routed = mb.token_data.get(ROUTED_EXPERTS)
+        if routed is None:
+            return nullcontext()
+        padded = torch.nn.utils.rnn.pad_sequence(routed, batch_first=True, padding_value=-1).to(self.device)
+        return replay_routing(module or self.model, padded)
+
     def _aligned_micro_batches(self, batch: TokenBatch) -> list[tuple[TokenBatch, bool]]:
         """This rank's micro-batches, padded with weight-zero repeats to the largest count of any rank."""
         mbs = batch.micro_batches(self.job.train.micro_batch_tokens) if len(batch) else []
@@ -167,7 +179,8 @@ class TrainEngine:
         out = []
         with torch.no_grad():
             for mb, real in self._aligned_micro_batches(batch):
-                logps = self._forward_logprobs(mb, module)
+                with self._replayed_routing(mb, module):
+                    logps = self._forward_logprobs(mb, module)
                 if real:
                     out += [lp.float().cpu() for lp in logps]
         return out
@@ -186,10 +199,11 @@ class TrainEngine:
         for i, (mb, real) in enumerate(mbs):
             weight = mb.num_loss_tokens() / total if real else 0.0
             mb = mb.to(self.device)
-            loss, stats = loss_fn(self._forward_logprobs(mb), mb)
             last = i == len(mbs) - 1
-            self.engine.set_gradient_accumulation_boundary(last)
-            self.engine.backward(loss * weight, scale_wrt_gas=False)
+            with self._replayed_routing(mb):
+                loss, stats = loss_fn(self._forward_logprobs(mb), mb)
+                self.engine.set_gradient_accumulation_boundary(last)
+                self.engine.backward(loss * weight, scale_wrt_gas=False)
             if last and self.job.train.zero_stage == 0:  # DeepSpeed reports no norm without ZeRO
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
             self.engine.step()

@@ -7,12 +7,16 @@ This module imports neither, directly or through another k2rl module.
 `TokenBatch` layout: whole sequences (prompt + completion) as token ids, and beside them per-token
 tensors of the same length (`loss_mask`, and any `token_data` such as old logprobs or advantages)
 and per-sequence values (`seq_data`, e.g. rewards). Entry t of anything per token belongs to token t.
+`token_data[ROUTED_EXPERTS]`, when present, is [T_i, moe_layers, top_k] expert ids (-1: not routed by
+vLLM) that the trainer replays (k2rl.model.routing).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+ROUTED_EXPERTS = "routed_experts"
 
 
 @dataclass
@@ -40,6 +44,9 @@ class Generation:
     token_ids: list[int]  # generated ids; with finish_reason "stop" the stop token is the last id
     logprobs: list[float]  # one per token id: the sampled token's logprob under vLLM's policy
     finish_reason: str  # "stop" | "length"
+    # With routing replay: [positions, moe_layers, top_k] int16, the experts vLLM used at each position of
+    # prompt + token_ids (the last sampled token was never run through the model, so it has no row).
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -108,4 +115,23 @@ def completion_batch(prompts: list[list[int]], generations: list[list[Generation
         ids.append(list(prompt) + g.token_ids)
         mask.append([False] * len(prompt) + [True] * len(g.token_ids))
         logprobs.append([0.0] * len(prompt) + g.logprobs)
-    return TokenBatch.from_lists(ids, mask, rollout_logprobs=logprobs)
+    batch = TokenBatch.from_lists(ids, mask, rollout_logprobs=logprobs)
+    add_routing(batch, [g.routed_experts for g, *_ in generations])
+    return batch
+
+
+def add_routing(batch: TokenBatch, routings: list[torch.Tensor | None]) -> None:
+    """Put vLLM's routing per sequence into `batch.token_data[ROUTED_EXPERTS]`, one row per token: rows
+    vLLM did not route (the last token, a sequence without routing) are -1, i.e. the trainer routes
+    them itself. Nothing is added when no sequence has routing."""
+    known = [r for r in routings if r is not None]
+    if not known:
+        return
+    rows = []
+    for seq, routed in zip(batch.input_ids, routings):
+        full = torch.full((len(seq), *known[0].shape[1:]), -1, dtype=torch.int16)
+        if routed is not None:
+            n = min(len(seq), len(routed))
+            full[:n] = routed[:n]
+        rows.append(full)
+    batch.token_data[ROUTED_EXPERTS] = rows

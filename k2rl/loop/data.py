@@ -7,15 +7,17 @@ from pathlib import Path
 
 import torch
 
-from k2rl.engines.types import TokenBatch
+from k2rl.engines.types import TokenBatch, add_routing
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rollout.trajectory import Trajectory
 
 
 def trajectory_batch(trajectories: list[Trajectory], advantages: list[float] | None = None) -> TokenBatch:
-    """Ids, the loss mask of generated tokens, vLLM's logprobs per token and (optionally) advantages."""
+    """Ids, the loss mask of generated tokens, vLLM's logprobs per token, vLLM's routing when it was
+    recorded (routing replay) and (optionally) advantages."""
     batch = TokenBatch.from_lists([t.token_ids for t in trajectories], [[bool(m) for m in t.loss_mask] for t in trajectories],
                                   rollout_logprobs=[t.logprobs for t in trajectories])
+    add_routing(batch, [t.routed_experts for t in trajectories])
     if advantages is not None:
         batch.seq_data["advantages"] = torch.tensor(advantages, dtype=torch.float32)
     return batch

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from k2rl.config import JobConfig
-from k2rl.engines.types import SamplingConfig, concat_batches
+from k2rl.engines.types import ROUTED_EXPERTS, SamplingConfig, concat_batches
 from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
 from k2rl.loop.metrics import MetricsLog
@@ -123,8 +123,10 @@ class Trainer:
             start = (self.step * count) % len(self.ptx)
             picked = [self.ptx[(start + i) % len(self.ptx)] for i in range(count)]
         extra = sft_batch(picked)
-        for key in batch.token_data:
-            extra.token_data[key] = [torch.zeros(len(ids)) for ids in extra.input_ids]
+        for key, values in batch.token_data.items():  # PTX tokens: no logprobs, no vLLM routing (-1)
+            fill = -1 if key == ROUTED_EXPERTS else 0
+            extra.token_data[key] = [torch.full((len(ids), *values[0].shape[1:]), fill, dtype=values[0].dtype)
+                                     for ids in extra.input_ids]
         extra.seq_data = {"advantages": torch.zeros(count), "ptx": torch.ones(count)}
         batch.seq_data["ptx"] = torch.zeros(count)
         return concat_batches([batch, extra])

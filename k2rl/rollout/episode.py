@@ -47,6 +47,7 @@ class Episode:
         self.token_ids: list[int] = []
         self.loss_mask: list[int] = []
         self.logprobs: list[float] = []
+        self.routed_experts = None
         self.messages: list[dict] = []
         self.tools: list[dict] = []
         self.prompt_len = 0
@@ -80,6 +81,8 @@ class Episode:
     def apply(self, gen: Generation, parsed: ParsedTurn, step: StepResult | None) -> None:
         """Append the generated ids and, if the episode goes on, the observation ids."""
         self._append(gen.token_ids, mask=1, logprobs=gen.logprobs)
+        if gen.routed_experts is not None:  # covers the whole context so far: the last one wins
+            self.routed_experts = gen.routed_experts
         self.stats.turns += 1
         self.stats.generated_tokens += len(gen.token_ids)
         message = {"role": "assistant", "content": parsed.content}
@@ -132,7 +135,7 @@ class Episode:
         return Trajectory(task_id=self.task.id, env=self.env.name, token_ids=self.token_ids, loss_mask=self.loss_mask,
                           logprobs=self.logprobs, prompt_len=self.prompt_len, messages=self.messages, tools=self.tools,
                           result=result, stats=self.stats, rubric=self.task.rubric, sample=self.sample,
-                          tags=list(self.task.tags))
+                          tags=list(self.task.tags), routed_experts=self.routed_experts)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _observe(self, messages: list[dict], generation_prompt: bool) -> None:

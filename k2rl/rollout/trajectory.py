@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from k2rl.env.environment import CheckResult
 from k2rl.env.kinds import Kind, reads_as_refusal, task_kind
 from k2rl.rewards.combine import RewardParts
@@ -42,6 +44,8 @@ class Trajectory:
     rubric: str | dict | None = None
     sample: int = 0  # index among the samples of the same task
     tags: list[str] = field(default_factory=list)  # the task's tags: its kind survives in episode files
+    # vLLM's experts per position of token_ids from the last generation (routing replay; not saved)
+    routed_experts: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def success(self) -> bool:
@@ -81,7 +85,7 @@ class Trajectory:
         return (attempts - self.stats.valid_calls) / attempts if attempts else 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "routed_experts"}
 
     @classmethod
     def from_dict(cls, data: dict) -> Trajectory:
