@@ -72,7 +72,8 @@ def job_config(args):
 
     overrides = [f"rollout.enforce_eager={str(args.eager).lower()}"]
     if not ON_GPU:
-        overrides += ["model.dtype=float32", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=1024"]
+        overrides += ["model.dtype=float32", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=1024",
+                      "rollout.routing_replay=false"]
     return load_config(args.config, overrides)
 
 
@@ -219,6 +220,23 @@ def standalone_in_own_process(args, model_dir, kind: str) -> float:
     return json.loads(result)["standalone_tokens_per_s"]
 
 
+def profile_sync(worker) -> None:
+    """Where one sync's time goes (Python functions, by own time), printed: vLLM's in-place reload
+    is most of the sync (see sync/export_only_s)."""
+    import cProfile
+    import pstats
+
+    from k2rl.worker import sync_weights
+
+    worker.rollout.wake(("weights",))
+    profiler = cProfile.Profile()
+    profiler.runcall(sync_weights, worker.train, worker.rollout, worker.job.rollout.weight_bucket_bytes)
+    if ON_GPU:
+        torch.cuda.synchronize()
+    worker.rollout.sleep()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(14)
+
+
 def print_figures(out: dict, json_path: str | None) -> None:
     width = max(len(k) for k in out)
     for k, v in out.items():
@@ -268,6 +286,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     worker.to_train()  # the trainer's export alone (cast into buckets), without vLLM's load: the sync's floor
     _, out["sync/export_only_s"] = timed(lambda: sum(1 for _ in worker.train.export_weights(
         job.rollout.weight_bucket_bytes, worker.rollout.dtype)))
+    profile_sync(worker)
     worker.to_rollout()
 
     after, seconds = timed(lambda: worker.generate(prompts, sampling))
