@@ -216,6 +216,10 @@ def standalone_in_own_process(args, model_dir, kind: str) -> float:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"standalone vLLM failed:\n{done.stderr[-3000:]}")
+    # vLLM's own start-up timings (compile, graph capture, engine init): with this machine's caches warm
+    for line in (done.stdout + done.stderr).splitlines():
+        if any(key in line for key in ("took", "Compiling a graph", "Graph capturing")):
+            print(f"[{kind} start] {line.split('] ', 1)[-1]}", flush=True)
     result = [line for line in done.stdout.splitlines() if line.startswith('{"standalone_tokens_per_s"')][-1]
     return json.loads(result)["standalone_tokens_per_s"]
 
@@ -248,7 +252,7 @@ def print_figures(out: dict, json_path: str | None) -> None:
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
     """Fills `out` as it goes, so a failure late in the run still reports what was measured."""
-    from k2rl.engines.types import SamplingConfig, completion_batch
+    from k2rl.engines.types import SamplingConfig, completion_batch, concat_batches
     from k2rl.worker import Worker
 
     out["memory/start"] = used_gib()
@@ -287,6 +291,13 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     _, out["sync/export_only_s"] = timed(lambda: sum(1 for _ in worker.train.export_weights(
         job.rollout.weight_bucket_bytes, worker.rollout.dtype)))
     profile_sync(worker)
+    # An RL step accumulates many micro-batches per optimizer step. Four of them (one per copy of the
+    # batch, at the config's micro_batch_tokens) split the step into forward+backward and the optimizer.
+    _, seconds_four = timed(lambda: worker.train_step(concat_batches([train_batch] * 4), nll))
+    fwd_bwd = (seconds_four - seconds) / 3
+    out["train/tokens_per_s_4_micro_batches"] = 4 * tokens / seconds_four
+    out["train/fwd_bwd_tokens_per_s"] = tokens / fwd_bwd
+    out["time/optimizer_step"] = seconds - fwd_bwd
     worker.to_rollout()
 
     after, seconds = timed(lambda: worker.generate(prompts, sampling))
