@@ -205,19 +205,29 @@ class Worker:
 
 def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) -> tuple[int, float]:
     """Stream the trainer's weights into vLLM (buckets from the trainer, cast to vLLM's dtype on the
-    way out, one in-place reload in vLLM); returns (bytes moved, seconds)."""
+    way out, one in-place reload in vLLM); where vLLM can take them directly, the routed experts follow
+    in a second pass of straight copies (k2rl.engines.expert_copy). Returns (bytes moved, seconds)."""
     moved = 0
 
-    def stream():
+    def stream(select=None):
         nonlocal moved
-        for bucket in train.export_weights(bucket_bytes, rollout.dtype):
+        for bucket in train.export_weights(bucket_bytes, rollout.dtype, select):
             for name, tensor in bucket:
                 moved += tensor.numel() * tensor.element_size()
                 yield name, tensor
 
     start = time.perf_counter()
-    rollout.load_weights(stream())
+    if rollout.direct_experts:
+        rollout.load_weights(stream(lambda name: not is_routed_expert(name)))
+        rollout.load_experts(stream(is_routed_expert))
+    else:
+        rollout.load_weights(stream())
     return moved, time.perf_counter() - start
+
+
+def is_routed_expert(name: str) -> bool:
+    """A trainer parameter holding routed experts (transformers keeps them fused per layer)."""
+    return ".mlp.experts." in name
 
 
 class WorkerGroup:

@@ -1,8 +1,10 @@
 """RolloutEngine on a GPU (bf16, sleep mode): sleep frees vLLM's memory, and in-place reloads after a
-sleep take effect and are exact, in eager mode and with CUDA graphs."""
+sleep (experts copied straight into vLLM's tensors) take effect and are exact, in eager mode and with
+CUDA graphs."""
 import pytest
 import torch
 
+from k2rl.engines.expert_copy import EXPERT
 from k2rl.engines.types import SamplingConfig
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
@@ -22,9 +24,13 @@ def generate(engine):
 
 
 def reload(engine, model):
+    """As the worker syncs: everything but the routed experts through vLLM's reload, then the experts
+    copied straight into vLLM's fused tensors (k2rl.engines.expert_copy)."""
     engine.sleep()
     engine.wake(("weights",))
-    engine.load_weights((n, t.to("cuda", torch.bfloat16)) for n, t in export_weights(model))
+    named = [(n, t.to("cuda", torch.bfloat16)) for n, t in export_weights(model)]
+    engine.load_weights((n, t) for n, t in named if not EXPERT.match(n))
+    engine.load_experts((n, t) for n, t in named if EXPERT.match(n))
     engine.wake(("kv_cache",))
 
 
@@ -36,6 +42,7 @@ def test_sleep_frees_memory_and_reload_is_exact(gpu_model_dir, enforce_eager):
     engine = RolloutEngine(gpu_model_dir, dtype="bfloat16", max_model_len=512, kv_cache_memory_bytes=2 << 30,
                            enforce_eager=enforce_eager)
     awake = used_gib()
+    assert engine.direct_experts  # unquantized experts without EP on a GPU: straight copies
     first = generate(engine)
     engine.sleep()
     asleep = used_gib()

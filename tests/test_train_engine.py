@@ -61,6 +61,17 @@ def test_export_buckets_are_bounded_and_complete(engine, tiny_model_dir):
     torch.testing.assert_close(got, ref)  # before any step the weights are the checkpoint's
 
 
+def test_export_selects_parameters_by_name(engine):
+    from k2rl.engines.expert_copy import EXPERT
+    from k2rl.worker import is_routed_expert
+
+    full = {n for bucket in engine.export_weights(200_000) for n, _ in bucket}
+    experts = {n for bucket in engine.export_weights(200_000, select=is_routed_expert) for n, _ in bucket}
+    rest = {n for bucket in engine.export_weights(200_000, select=lambda n: not is_routed_expert(n)) for n, _ in bucket}
+    assert experts and rest and experts.isdisjoint(rest) and experts | rest == full
+    assert all(EXPERT.match(n) for n in experts) and not any(EXPERT.match(n) for n in rest)
+
+
 def test_export_in_rollout_dtype_casts_each_bucket_into_one_buffer(engine, tiny_model_dir):
     bucket_bytes = 100_000
     buckets = list(engine.export_weights(bucket_bytes, torch.bfloat16))

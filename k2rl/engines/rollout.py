@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import torch
 
+from k2rl.engines.expert_copy import copy_experts, direct_targets, experts_left_out_of_reload
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.routing import moe_layer_ids
 
@@ -79,6 +81,8 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.awake = dict.fromkeys(TAGS, True)
         self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
+        # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP)
+        self.direct_experts = self.on_gpu and all(self.llm.collective_rpc(_has_direct_expert_targets))
 
     @classmethod
     def from_config(cls, model_dir, cfg: RolloutEngineConfig, dtype: str, seed: int) -> RolloutEngine:
@@ -116,9 +120,20 @@ class RolloutEngine:
         self.awake.update(dict.fromkeys(tags, True))
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload in place from one (possibly lazy) stream of checkpoint-named tensors; see module doc."""
+        """Reload in place from one (possibly lazy) stream of checkpoint-named tensors; see module doc.
+        Where `direct_experts`, the stream may leave the routed experts out for `load_experts`."""
         self._require_awake("load_weights", ("weights",))
-        self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
+        with experts_left_out_of_reload() if self.direct_experts else nullcontext():
+            self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
+        self.llm.reset_prefix_cache()
+
+    def load_experts(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Routed experts only (checkpoint names), copied straight into vLLM's fused expert tensors
+        (k2rl.engines.expert_copy); only where `direct_experts`, after `load_weights` of the rest."""
+        self._require_awake("load_experts", ("weights",))
+        if not self.direct_experts:
+            raise RuntimeError("this engine's experts take vLLM's loader: send them through load_weights")
+        self.llm.collective_rpc(_copy_experts_in_worker, args=(iter(named_tensors),))
         self.llm.reset_prefix_cache()
 
     def holds_device_memory(self) -> dict[str, bool]:
@@ -139,6 +154,14 @@ def _generation(completion, moe_layers: list[int] | None) -> Generation:
         routed = torch.from_numpy(completion.routed_experts[:, moe_layers].astype("int16"))
     return Generation(token_ids=token_ids, logprobs=logprobs, finish_reason=completion.finish_reason,
                       routed_experts=routed)
+
+
+def _has_direct_expert_targets(worker) -> bool:
+    return bool(direct_targets(worker.model_runner.model))
+
+
+def _copy_experts_in_worker(worker, named_tensors) -> None:
+    copy_experts(direct_targets(worker.model_runner.model), named_tensors)
 
 
 def _reload_in_worker(worker, named_tensors) -> None:

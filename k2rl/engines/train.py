@@ -237,9 +237,11 @@ class TrainEngine:
         return {k: float(v) / self.world for k, v in zip(keys, values.tolist())}
 
     # ---- weights out -----------------------------------------------------------------------------
-    def export_weights(self, bucket_bytes: int, dtype: torch.dtype | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def export_weights(self, bucket_bytes: int, dtype: torch.dtype | None = None,
+                       select: Callable[[str], bool] | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Buckets of full tensors in checkpoint names, in `dtype` (the rollout's; None: as trained);
-        ZeRO-3 gathers one bucket's parameters at a time.
+        ZeRO-3 gathers one bucket's parameters at a time. `select` keeps the trainer's parameters whose
+        name it accepts (the same on every rank).
 
         All ranks must iterate to the end together (the ZeRO-3 gathers are collective). In the weights'
         own dtype a bucket's tensors are views of the live weights (ZeRO-3: copies, valid after the next
@@ -248,7 +250,7 @@ class TrainEngine:
         moves half the bytes and holds about one bucket beyond the weights. The router's correction
         bias stays in the trainer's precision: vLLM keeps it in fp32.
         """
-        for group in self._param_groups(bucket_bytes, dtype):
+        for group in self._param_groups(bucket_bytes, dtype, select):
             if self.zero3:
                 import deepspeed
 
@@ -258,9 +260,12 @@ class TrainEngine:
             else:
                 yield _bucket(to_checkpoint_names(group), dtype, always_copy=False)
 
-    def _param_groups(self, bucket_bytes: int, dtype: torch.dtype | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def _param_groups(self, bucket_bytes: int, dtype: torch.dtype | None,
+                      select: Callable[[str], bool] | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         group, size = [], 0
         for name, tensor in trainable_state(self.model):
+            if select is not None and not select(name):
+                continue
             numel = tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()
             nbytes = numel * _export_dtype(name, tensor, dtype).itemsize
             if group and size + nbytes > bucket_bytes:
