@@ -11,7 +11,7 @@
   offload pins host memory);
 - the vLLM-trainer logprob gap on the sampled tokens, before and after a train step + sync.
 
-    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--json OUT.json]
+    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--set KEY=VALUE] [--json OUT.json]
 
 On a CPU it runs as a smoke test of the same code (k2-tiny, fp32, no sleep mode, no baselines that
 need CUDA): python scripts/bench_gpu_step.py --preset k2-tiny --prompts 8 --new-tokens 16
@@ -70,7 +70,7 @@ def active_params(config) -> int:
 def job_config(args):
     from k2rl.config import load_config
 
-    overrides = [f"rollout.enforce_eager={str(args.eager).lower()}"]
+    overrides = [f"rollout.enforce_eager={str(args.eager).lower()}", *args.set]
     if not ON_GPU:
         overrides += ["model.dtype=float32", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=1024",
                       "rollout.routing_replay=false"]
@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--train-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     args = ap.parse_args()
 
@@ -213,6 +214,7 @@ def standalone_in_own_process(args, model_dir, kind: str) -> float:
     cmd = [sys.executable, __file__, "--standalone-only", kind, "--model-dir", str(model_dir), "--config", args.config,
            "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
     cmd += ["--eager"] if args.eager else []
+    cmd += [a for override in args.set for a in ("--set", override)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"standalone vLLM failed:\n{done.stderr[-3000:]}")
