@@ -115,6 +115,8 @@ class AlgorithmConfig(Section):
     ptx_dataset: str | None = Field(None, description="JSONL of {messages, tools} or {token_ids, loss_mask}; or `oracle`: the scripted solutions of fresh training tasks (the SFT cold start's data)")
     truncated_is_cap: float | None = Field(None, gt=0, description="truncated importance weights min(pi_train/pi_vllm, cap); off when null")
     epochs_per_step: int = Field(1, ge=1)
+    filter_groups: bool = Field(False, description="train only on groups whose rewards differ (DAPO's dynamic sampling): an all-equal group has no advantage and only dilutes the token-mean loss")
+    oversample: float = Field(1.0, ge=1, description="with filter_groups: roll out oversample x tasks_per_step tasks, train on up to tasks_per_step informative groups")
     max_new_tokens: int = Field(256, gt=0, description="per assistant turn")
     temperature: TemperatureSchedule = TemperatureSchedule()
 
@@ -122,6 +124,9 @@ class AlgorithmConfig(Section):
     def _ptx_needs_data(self):
         if self.ptx_coef > 0 and not self.ptx_dataset:
             raise ValueError("ptx_coef > 0 needs algorithm.ptx_dataset (a JSONL of SFT conversations, or oracle)")
+        if self.oversample > 1 and not self.filter_groups:
+            raise ValueError("algorithm.oversample > 1 rolls out extra tasks to pick informative groups from: "
+                             "set algorithm.filter_groups: true (or oversample: 1)")
         if self.kl_coef > 0 and self.name not in ("grpo", "ppo"):
             raise ValueError(f"kl_coef applies to grpo and ppo; {self.name!r} has none (k2 regularizes "
                              "toward the sampling policy with tau)")

@@ -13,7 +13,7 @@ from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import encode_sft_example
 from k2rl.loop.objective import Objective
 from k2rl.loop.run_dir import RunDir
-from k2rl.loop.scoring import advantages, score
+from k2rl.loop.scoring import advantages, informative_groups, score
 from k2rl.loop.tasks import TaskStream
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rollout.trajectory import EpisodeStats, Trajectory
@@ -34,6 +34,17 @@ def test_budget_penalty_and_weights():
     assert rewards[1].components["budget"] == -1.0
     assert metrics["reward/budget"] == pytest.approx(-0.5) and metrics["reward/judge_failures"] == 0
     assert advantages(rewards, 2, AlgorithmConfig(name="k2")) == pytest.approx([0.775, -0.775])
+
+
+def test_group_filter_keeps_groups_whose_rewards_differ():
+    weights = RewardWeights()
+    outcomes = [(True, True), (True, False), (False, False), (False, True), (True, False)]  # 5 groups of 2
+    trajectories = [_trajectory(ok, task=f"t{g}", sample=i) for g, pair in enumerate(outcomes) for i, ok in enumerate(pair)]
+    rewards, _ = score(trajectories, {f"t{g}": "goal" for g in range(5)}, 2, weights, judge=None)
+    assert informative_groups(rewards, 2, limit=8) == [1, 3, 4]
+    assert informative_groups(rewards, 2, limit=2) == [1, 3]
+    with pytest.raises(ValueError, match="filter_groups: true"):
+        AlgorithmConfig(oversample=2)
 
 
 def test_ptx_rows_add_weighted_next_token_loss():

@@ -41,3 +41,12 @@ def advantages(rewards: list[Reward], samples_per_task: int, algo: AlgorithmConf
     else:
         adv = batch_normalized(totals.flatten())
     return adv.flatten().tolist()
+
+
+def informative_groups(rewards: list[Reward], samples_per_task: int, limit: int) -> list[int]:
+    """The first `limit` groups (K adjacent samples of one task) whose rewards differ: DAPO's dynamic
+    sampling. A group whose samples all earned the same has zero advantage under any group baseline,
+    and in a token-mean loss its tokens only dilute the groups that teach something."""
+    totals = torch.tensor([r.total for r in rewards]).view(-1, samples_per_task)
+    spread = totals.max(dim=1).values - totals.min(dim=1).values > 1e-6
+    return spread.nonzero().flatten().tolist()[:limit]

@@ -7,6 +7,7 @@ the driver runs the agent loop (environments are cheap Python) and the judge cli
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from k2rl.loop.metrics import MetricsLog
 from k2rl.loop.objective import Objective
 from k2rl.loop.progress import RunProgress
 from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
-from k2rl.loop.scoring import advantages, score
+from k2rl.loop.scoring import advantages, informative_groups, score
 from k2rl.loop.tasks import TaskStream, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rewards.judge import make_judge
@@ -62,24 +63,15 @@ class Trainer:
         cfg = self.config
         algo = cfg.algorithm
         temperature = temperature_at(self.step, algo.temperature)
-        tasks = self.tasks.next(algo.tasks_per_step)
+        tasks = self.tasks.next(math.ceil(algo.tasks_per_step * algo.oversample))
         t0 = time.perf_counter()
         trajectories = self.rollout(tasks, algo.samples_per_task, temperature)
         t_rollout = time.perf_counter()
         rewards, reward_metrics = score(trajectories, {t.id: t.goal for t in tasks}, algo.samples_per_task,
                                         cfg.rewards.weights, self.judge)
         t_judge = time.perf_counter()
-        batch = trajectory_batch(trajectories, advantages(rewards, algo.samples_per_task, algo))
-        if algo.ptx_coef > 0:
-            batch = self._with_ptx(batch)
-        self.group.to_train()
-        batch.token_data["old_logprobs"] = self.group.logprobs(batch)
-        if algo.kl_coef > 0:
-            batch.token_data["ref_logprobs"] = self.group.reference_logprobs(batch)
-        train_stats: dict[str, float] = {}
-        for _ in range(algo.epochs_per_step):
-            train_stats = self.group.train_step(batch, self.objective)
-        self.group.to_rollout()
+        train_stats = self._update(*self._groups_to_train(trajectories, rewards))
+        reward_metrics["rollout/groups_trained"] = float(train_stats.pop("groups", 0))
         t_end = time.perf_counter()
         self._save_rollouts(trajectories, rewards)
         summary = summarize(trajectories)
@@ -95,6 +87,33 @@ class Trainer:
             "time/rollout": t_rollout - t0, "time/judge": t_judge - t_rollout, "time/step": t_end - t0,
             "perf/tokens_per_s": generated / max(t_rollout - t0, 1e-9),
         }
+
+    def _groups_to_train(self, trajectories: list, rewards: list) -> tuple[list, list]:
+        """All groups, or with `filter_groups` up to tasks_per_step whose rewards differ."""
+        algo = self.config.algorithm
+        if not algo.filter_groups:
+            return trajectories, rewards
+        k = algo.samples_per_task
+        rows = [g * k + i for g in informative_groups(rewards, k, algo.tasks_per_step) for i in range(k)]
+        return [trajectories[r] for r in rows], [rewards[r] for r in rows]
+
+    def _update(self, trajectories: list, rewards: list) -> dict[str, float]:
+        """One policy update on these groups (none when filtering left none: no step, no sync)."""
+        algo = self.config.algorithm
+        if not trajectories:
+            return {}
+        batch = trajectory_batch(trajectories, advantages(rewards, algo.samples_per_task, algo))
+        if algo.ptx_coef > 0:
+            batch = self._with_ptx(batch)
+        self.group.to_train()
+        batch.token_data["old_logprobs"] = self.group.logprobs(batch)
+        if algo.kl_coef > 0:
+            batch.token_data["ref_logprobs"] = self.group.reference_logprobs(batch)
+        train_stats: dict[str, float] = {}
+        for _ in range(algo.epochs_per_step):
+            train_stats = self.group.train_step(batch, self.objective)
+        self.group.to_rollout()
+        return {**train_stats, "groups": len(trajectories) // algo.samples_per_task}
 
     def _worker_stats(self) -> dict[str, float]:
         """Timings at every engine boundary and the vLLM-trainer logprob gap, as the workers measured them
