@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from k2rl.optim.batched import orthogonalize_all, same_shape_batches, share_bounds
+from k2rl.optim.batched import orthogonalize_all, rank_rows, row_plan, same_shape_batches
 from k2rl.optim.build import muonclip_param_groups
 from k2rl.optim.muonclip import MuonClip
 from k2rl.optim.newton_schulz import orthogonalize, use_gram
@@ -160,9 +160,11 @@ def bench(small: bool, iters: int) -> None:
 def rank_matrices(matrices: list[torch.Tensor], world: int, rank: int) -> list[torch.Tensor]:
     """The matrices `rank` of `world` orthogonalizes: its rows of each same-shape batch."""
     out = []
-    for bucket, (_, members) in enumerate(same_shape_batches(matrices)):
+    batches = same_shape_batches(matrices)
+    plan = row_plan([(shape, sum(matrices[i].shape[0] for i in members)) for shape, members in batches], world)
+    for (_, members), rows in zip(batches, plan):
         batch = torch.cat([matrices[i] for i in members])
-        lo, hi = share_bounds(batch.shape[0], world, rank, bucket)
+        lo, hi = rank_rows(rows, rank)
         if hi > lo:
             out.append(batch[lo:hi])
     return out
@@ -177,8 +179,8 @@ def bench_sharded(small: bool, iters: int, worlds: tuple[int, ...] = (2, 4, 8)) 
     print(f"N=1: MuonClip step {step_ms:.2f} ms, Newton-Schulz {ns_ms:.2f} ms ({ns_ms / step_ms:.0%})")
     print(f"{'N':>3}{'NS ms/rank':>12}{'x N=1 NS':>10}{'busiest/ideal':>15}{'est. step ms/rank':>19}")
     for world in worlds:
-        counts = [sum(m.shape[0] for m in rank_matrices(matrices, world, r)) for r in range(world)]
-        busiest = max(range(world), key=lambda r: counts[r])
+        costs = [sum(m.shape[0] * ns_flops(*m.shape[-2:]) for m in rank_matrices(matrices, world, r)) for r in range(world)]
+        busiest = max(range(world), key=lambda r: costs[r])
         mine = rank_matrices(matrices, world, busiest)
         rank_ns = median_ms(lambda: orthogonalize_all(mine, 5, opt.ns_dtype), iters)
         flops_share = sum(m.shape[0] * ns_flops(*m.shape[-2:]) for m in mine) / sum(

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from k2rl.config import OptimizerConfig
 from k2rl.model.checkpoint import load_model
 from k2rl.optim import apply_qk_clip, build_optimizer
-from k2rl.optim.batched import share_bounds
+from k2rl.optim.batched import ns_cost, rank_rows, row_plan
 
 WORLD, MICRO, STEPS = 2, 2, 3
 # fp32 NS and a moderate lr, so that the only difference from one process (the order of the gradient
@@ -73,17 +73,18 @@ def test_two_ranks_identical_and_match_single_process(tiny_model_dir, tmp_path):
         assert (weight - single[name]).norm() <= 1e-3 * moved + 1e-6, name
 
 
-def test_small_batches_spread_over_ranks_and_cover_every_row():
-    """Batches with fewer matrices than ranks start at rotating ranks (not all on rank 0); every row of
-    every batch is still computed by exactly one rank."""
-    world = 4
-    totals = [1, 1, 1, 1, 2, 2, 9]  # e.g. single projections, then a stack of experts
-    rows_per_rank = [0] * world
-    for bucket, total in enumerate(totals):
-        covered = []
-        for rank in range(world):
-            lo, hi = share_bounds(total, world, rank, bucket)
-            covered += range(lo, hi)
-            rows_per_rank[rank] += hi - lo
-        assert sorted(covered) == list(range(total))
-    assert max(rows_per_rank) - min(rows_per_rank) <= 2  # without the rotation: 9 / 5 / 3 / 0
+def test_row_plan_balances_cost_and_covers_every_row():
+    """One K2 MoE layer's NS work (experts, attention projections) over 4 and 8 ranks: every row of every
+    batch goes to exactly one rank, and the busiest rank is within one matrix's cost of the ideal (the
+    even split of each batch left it 1.6x over at 4 ranks)."""
+    batches = [((2048, 7168), 66), ((7168, 2048), 33), ((7168, 8192), 1), ((12288, 1536), 1),
+               ((1536, 7168), 1), ((576, 7168), 1), ((16384, 512), 1)]
+    for world in (4, 8):
+        plan = row_plan(batches, world)
+        load = [0] * world
+        for (shape, total), rows in zip(batches, plan):
+            covered = [row for rank in range(world) for row in range(*rank_rows(rows, rank))]
+            assert covered == list(range(total))
+            for rank in range(world):
+                load[rank] += rows[rank] * ns_cost(shape)
+        assert max(load) <= sum(load) / world + max(ns_cost(shape) for shape, _ in batches)
