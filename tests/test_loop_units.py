@@ -46,6 +46,15 @@ def test_group_filter_keeps_groups_whose_rewards_differ():
     with pytest.raises(ValueError, match="filter_groups: true"):
         AlgorithmConfig(oversample=2)
 
+    from k2rl.config import JobConfig
+    from k2rl.loop.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # the selection needs only the config
+    trainer.config = JobConfig(algorithm={"samples_per_task": 2, "tasks_per_step": 2, "filter_groups": True})
+    kept, kept_rewards = trainer._groups_to_train(trajectories, rewards)
+    assert [(t.task_id, t.sample) for t in kept] == [("t1", 0), ("t1", 1), ("t3", 0), ("t3", 1)]
+    assert kept_rewards == rewards[2:4] + rewards[6:8]
+
 
 def test_ptx_rows_add_weighted_next_token_loss():
     algo = AlgorithmConfig(name="k2", tau=0.1, ptx_coef=0.5, ptx_dataset="unused.jsonl")

@@ -120,3 +120,23 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     assert moved > 0  # training changed the weights...
     for k in a:  # ...and the resumed run changed them the same way
         assert float((a[k] - b[k]).abs().max()) <= 1e-4 * max(1.0, moved), k
+
+
+def test_group_filter_rolls_out_extra_tasks_and_trains_on_informative_groups(tiny_model_dir, tmp_path):
+    """algorithm.filter_groups with oversample 2: twice the tasks rolled out (all saved), at most
+    tasks_per_step groups trained on, and only groups whose rewards differ; a step without any makes no
+    update (no train/* figures) rather than training on zero advantages (the random tiny model's groups
+    all fail alike; tests/test_loop_units.py picks groups from mixed outcomes)."""
+    done = _run(_cmd(tmp_path, "filtered", tiny_model_dir, "schedule.steps=2", "schedule.eval_every=0",
+                     "algorithm.filter_groups=true", "algorithm.oversample=2", "algorithm.temperature.start=1.5"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "filtered"
+    for row in _metrics(run)[1:]:
+        saved = [json.loads(line) for line in (run / "rollouts" / f"step_{row['step'] - 1}.jsonl").read_text().splitlines()]
+        assert len(saved) == 4 * 2  # 2 tasks x oversample 2, 2 samples each
+        groups = {}
+        for t in saved:
+            groups.setdefault(t["task_id"], set()).add(round(t["reward"], 6))
+        informative = sum(len(rewards) > 1 for rewards in groups.values())
+        assert row["rollout/groups_trained"] == min(informative, 2)
+        assert ("train/loss" in row) == (informative > 0)
