@@ -7,7 +7,8 @@
 2. MoE layer by layer, isolated: each MoE layer's input is captured inside vLLM (forward hooks, one
    prefill) and fed to the trainer's same layer, so the difference is that layer's alone: relative
    error of the output, router-logit difference, and the share of tokens whose top-k expert sets agree;
-3. the residual stream after each decoder layer, vLLM vs trainer, on one prompt.
+3. attention layer by layer, isolated the same way (vLLM's MLA input fed to the trainer's attention);
+4. the residual stream after each decoder layer, vLLM vs trainer, on one prompt.
 
     python scripts/gpu_gap.py MODEL_DIR [--dtype bfloat16]
 """
@@ -46,6 +47,36 @@ def _hook_layers(worker) -> int:
         layer.register_forward_hook(lambda m, inp, out, i=i: CAPTURED.setdefault(f"layer{i}", []).append(
             (sum(out) if isinstance(out, tuple) else out).detach().float().clone()))
     return len(layers)
+
+
+def _hook_attention(worker) -> int:
+    """Inside vLLM's worker: record each attention layer's (positions, normed input) and its output."""
+    layers = worker.model_runner.model.model.layers
+    for i, layer in enumerate(layers):
+        layer.self_attn.register_forward_hook(lambda m, inp, out, i=i: CAPTURED.setdefault(f"attn{i}", []).append(
+            (inp[0].detach().clone(), inp[1].detach().clone(), out.detach().clone())))
+    return len(layers)
+
+
+def attention_layers_report(llm, trainer, prompt) -> None:
+    """Relative error of each attention layer's output, the trainer's attention fed vLLM's own input."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    CAPTURED.clear()
+    llm.collective_rpc(_hook_attention)
+    llm.generate([TokensPrompt(prompt_token_ids=prompt)], SamplingParams(max_tokens=1), use_tqdm=False)
+    decoder = trainer.model
+    dtype = next(trainer.parameters()).dtype
+    for i, layer in enumerate(decoder.layers):
+        positions, x, out_vllm = CAPTURED[f"attn{i}"][0]
+        x = x[None].to(dtype)
+        with torch.no_grad():
+            out_trainer, _ = layer.self_attn(hidden_states=x, position_embeddings=decoder.rotary_emb(x, positions[None]),
+                                             attention_mask=None)
+        ref = out_trainer[0].float()
+        rel = ((out_vllm.float() - ref).norm() / ref.norm()).item()
+        print(f"layer {i:2d} attention output rel err {rel:.3e}", flush=True)
 
 
 def residual_stream_report(llm, trainer, prompt) -> None:
@@ -157,18 +188,20 @@ def main() -> None:
     # One engine (a second in the same process fails in its compiled kernels); prefix caching off, so
     # every report runs the whole prompt through the model.
     llm = LLM(**vllm_engine_args(args.model_dir, args.dtype, gpu_memory_utilization=0.3, kv_cache_memory_bytes=2 << 30,
-                                 enable_return_routed_experts=True, enable_prefix_caching=False))
+                                 enable_return_routed_experts=torch.cuda.is_available(), enable_prefix_caching=False))
     outs = sample(llm, prompts, args.tokens)
     trainers = [(f"{args.dtype} weights", trainer_low, False)]
     if trainer_fp32 is not None:
         trainers.append(("fp32 weights, bf16 autocast", trainer_fp32, True))
-    for replay in (False, True):
+    replays = (False, True) if torch.cuda.is_available() else (False,)  # vLLM-CPU records no routing
+    for replay in replays:
         for label, trainer, autocast in trainers:
             mean, top, flips = sampled_gap(outs, trainer, prompts, autocast, replay)
             extra = f"; trainer alone routes {flips:.2%} of (token, MoE layer) pairs elsewhere" if replay else ""
             print(f"[routing replay {'on' if replay else 'off'}] gap vs trainer ({label}): mean {mean:.4g} "
                   f"max {top:.4g}{extra}", flush=True)
     moe_layers_report(llm, trainer_low, prompts[0] * 4)
+    attention_layers_report(llm, trainer_low, prompts[2] * 4)
     residual_stream_report(llm, trainer_low, prompts[1] * 4)
 
 
