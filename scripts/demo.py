@@ -3,6 +3,7 @@ oracle's dialogs, then RL with K2's objective on 2 colocated workers; greedy hel
 by task kind, beside the model-free baselines on the same tasks.
 
     python scripts/demo.py [--seed N] [--sft-steps N] [--rl-steps N] [--eval-tasks N] [--out DIR]
+    python scripts/demo.py --gpu      # k2-mini on one GPU: configs/gpu-demo-sft.yaml, configs/gpu-demo-rl.yaml
 
 Runs land in OUT/demo-sft-sSEED and OUT/demo-rl-sSEED (metrics.jsonl, plots/, rollouts/ with the
 held-out dialogs as eval_step_N.jsonl, checkpoints/); the summary table goes to OUT/demo-sSEED.json.
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from k2rl.loop.run_dir import RunDir
 
+CONFIGS = {"cpu": ("configs/demo-sft.yaml", "configs/tiny-cpu.yaml"),
+           "gpu": ("configs/gpu-demo-sft.yaml", "configs/gpu-demo-rl.yaml")}
 ROWS = [("success on action tasks", "success_action"), ("wrong refusals (action tasks)", "wrong_refusal"),
         ("success on refuse tasks", "success_refuse"), ("success overall", "success"),
         ("tool calls per episode", "tool_calls"), ("valid tool calls", "tool_call_validity"),
@@ -52,8 +55,9 @@ def print_table(table: dict[str, dict[str, float]], tasks: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0, help="model init and sampling seed (the tasks stay the same)")
-    parser.add_argument("--sft-steps", type=int, default=None, help="default: configs/demo-sft.yaml")
-    parser.add_argument("--rl-steps", type=int, default=None, help="default: configs/tiny-cpu.yaml")
+    parser.add_argument("--gpu", action="store_true", help="the GPU demo's configs (k2-mini, one GPU)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="default: the SFT config's")
+    parser.add_argument("--rl-steps", type=int, default=None, help="default: the RL config's")
     parser.add_argument("--eval-tasks", type=int, default=200)
     parser.add_argument("--out", default="runs")
     args = parser.parse_args()
@@ -62,12 +66,13 @@ def main() -> None:
     for name in (sft, rl):
         shutil.rmtree(Path(args.out) / name, ignore_errors=True)
 
+    sft_config, rl_config = CONFIGS["gpu" if args.gpu else "cpu"]
     common = [f"run.output_dir={args.out}", f"run.seed={args.seed}", f"model.init_seed={args.seed}"]
     sft_steps = [f"schedule.steps={args.sft_steps}"] if args.sft_steps else []
-    train("configs/demo-sft.yaml", *common, f"run.name={sft}", *sft_steps)
+    train(sft_config, *common, f"run.name={sft}", *sft_steps)
     sft_model = RunDir(Path(args.out) / sft).latest() / "model"
     rl_steps = [f"schedule.steps={args.rl_steps}"] if args.rl_steps else []
-    train("configs/tiny-cpu.yaml", *common, f"run.name={rl}", f"model.path={sft_model}", *rl_steps,
+    train(rl_config, *common, f"run.name={rl}", f"model.path={sft_model}", *rl_steps,
           f"env.eval_tasks={args.eval_tasks}")
 
     metrics = [json.loads(line) for line in (Path(args.out) / rl / "metrics.jsonl").read_text().splitlines()]

@@ -1,4 +1,6 @@
 """Job config: defaults validate, YAML + --set overrides apply, bad input fails with a located message."""
+from pathlib import Path
+
 import pytest
 
 from k2rl.config import dump_config, load_config
@@ -60,3 +62,13 @@ def test_every_section_forbids_unknown_keys():
 
 def test_muonclip_runs_under_every_zero_stage():
     assert load_config(None, ["train.zero_stage=3"]).optimizer.name == "muonclip"
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path("configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    if Path(path).name.startswith("synth"):
+        from k2rl.synth.config import load_synth_config
+
+        load_synth_config(path)
+    else:
+        load_config(path)
