@@ -54,7 +54,6 @@ class RolloutEngine:
         if routing_replay and not self.on_gpu:
             raise ValueError("rollout.routing_replay needs vLLM on a GPU (vLLM-CPU does not record the experts it "
                              "routes to); set rollout.routing_replay=false on the CPU")
-        self.routing_replay = routing_replay
         self.sleep_level = sleep_level
         self.dtype = getattr(torch, dtype)  # what the trainer exports in (`sync_weights`)
         # Compact JSON under a schema: without it a weak policy (self-critique) spends its whole
