@@ -82,18 +82,16 @@ def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
     with routing replay when the batch carries vLLM's routing, and then without it."""
     from k2rl.engines.types import ROUTED_EXPERTS
 
-    out = {}
-    for replay in (True, False):
-        if ROUTED_EXPERTS not in batch.token_data:
-            replay = False
+    def measured(name: str) -> dict[str, float]:
         worker.logprobs(batch)
         stats = worker.stats()
-        name = f"{prefix}{'_replay' if replay else ''}"
-        out.update({f"{name}_mean": stats["mismatch/logprob_abs"], f"{name}_max": stats["mismatch/logprob_abs_max"]})
-        if not replay:
-            return out
-        batch.token_data.pop(ROUTED_EXPERTS)
-    return out
+        return {f"{name}_mean": stats["mismatch/logprob_abs"], f"{name}_max": stats["mismatch/logprob_abs_max"]}
+
+    out = {}
+    if ROUTED_EXPERTS in batch.token_data:
+        out = measured(f"{prefix}_replay")
+        del batch.token_data[ROUTED_EXPERTS]
+    return {**out, **measured(prefix)}
 
 
 def nll(new_logprobs, batch):

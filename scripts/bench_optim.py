@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from k2rl.optim.batched import orthogonalize_all, rank_rows, row_plan, same_shape_batches
+from k2rl.optim.batched import orthogonalize_all, planned_batches, rank_rows
 from k2rl.optim.build import muonclip_param_groups
 from k2rl.optim.muonclip import MuonClip
 from k2rl.optim.newton_schulz import orthogonalize, use_gram
@@ -160,9 +160,7 @@ def bench(small: bool, iters: int) -> None:
 def rank_matrices(matrices: list[torch.Tensor], world: int, rank: int) -> list[torch.Tensor]:
     """The matrices `rank` of `world` orthogonalizes: its rows of each same-shape batch."""
     out = []
-    batches = same_shape_batches(matrices)
-    plan = row_plan([(shape, sum(matrices[i].shape[0] for i in members)) for shape, members in batches], world)
-    for (_, members), rows in zip(batches, plan):
+    for _, members, rows in planned_batches(matrices, world):
         batch = torch.cat([matrices[i] for i in members])
         lo, hi = rank_rows(rows, rank)
         if hi > lo:

@@ -107,12 +107,12 @@ def sample(llm, prompts, tokens: int):
 
 def vllm_routing(completion, prompt, config) -> torch.Tensor:
     """[1, len(prompt + completion), moe_layers, top_k] from vLLM's routed experts, -1 where it has none."""
+    from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, add_routing
     from k2rl.model.routing import moe_layer_ids
 
-    routed = torch.from_numpy(completion.routed_experts[:, moe_layer_ids(config)].astype("int64"))
-    full = torch.full((len(prompt) + len(completion.token_ids), *routed.shape[1:]), -1, dtype=torch.long)
-    full[:len(routed)] = routed[:len(full)]
-    return full[None]
+    batch = TokenBatch.from_lists([prompt + list(completion.token_ids)])
+    add_routing(batch, [torch.from_numpy(completion.routed_experts[:, moe_layer_ids(config)].astype("int16"))])
+    return batch.token_data[ROUTED_EXPERTS][0][None]
 
 
 def sampled_gap(outs, trainer, prompts, autocast: bool, replay: bool) -> tuple[float, float, float]:

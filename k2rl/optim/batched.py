@@ -28,10 +28,8 @@ def orthogonalize_all(
     """
     world = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
-    batches = same_shape_batches(matrices)
-    plan = row_plan([(shape, sum(matrices[i].shape[0] for i in members)) for shape, members in batches], world)
     out: list[torch.Tensor] = [None] * len(matrices)  # type: ignore[list-item]
-    for (shape, members), rows in zip(batches, plan):
+    for shape, members, rows in planned_batches(matrices, world):
         slabs = [matrices[i] for i in members]
         result = _orthogonalize_batch(slabs, shape, steps, dtype, group, rows, rank)
         offset = 0
@@ -47,6 +45,13 @@ def same_shape_batches(matrices: list[torch.Tensor]) -> list[tuple[tuple[int, in
     for i, mat in enumerate(matrices):
         buckets[tuple(mat.shape[-2:])].append(i)
     return sorted(buckets.items())
+
+
+def planned_batches(matrices: list[torch.Tensor], world: int) -> list[tuple[tuple[int, int], list[int], list[int]]]:
+    """(shape, indices of the matrices of that shape, matrices per rank) per same-shape batch (`row_plan`)."""
+    batches = same_shape_batches(matrices)
+    plan = row_plan([(shape, sum(matrices[i].shape[0] for i in members)) for shape, members in batches], world)
+    return [(shape, members, rows) for (shape, members), rows in zip(batches, plan)]
 
 
 def ns_cost(shape: tuple[int, int]) -> int:
