@@ -193,8 +193,10 @@ class RewardWeights(Section):
     process: float = Field(0.5, description="share of required milestones met: partial credit for partial work")
     rubric: float = Field(0.0, description="rubric judge score in [0, 1]")
     budget: float = Field(1.0, description="penalty when an episode ran out of token budget (truncated)")
-    wrong_refusal: float = Field(1.0, description="penalty when an action task (no \"refuse\" tag) is left undone "
-                                                  "with a refusal: declining must not pay (docs/rewards.md)")
+    unsolved: float = Field(1.0, description="penalty when an action task (no \"refuse\" tag) ends unsolved, whatever "
+                                             "the reply says: declining, a false \"done\" and silence cost the same (docs/rewards.md)")
+    wrong_refusal: float = Field(0.0, description="extra penalty when an unsolved action task's final reply declines "
+                                                  "(on top of unsolved)")
     format: float = Field(0.5, description="penalty x the share of an episode's tool calls and turns that were "
                                            "malformed or had unknown tools / invalid arguments")
 
@@ -245,6 +247,13 @@ class JobConfig(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def trains_only(self) -> bool:
+        """SFT without held-out evaluation never generates: its workers start no vLLM engine (on a GPU
+        that saves the engine's start, minutes on a fresh machine)."""
+        evaluates = self.schedule.eval_every > 0 and self.env.eval_tasks > 0
+        return self.algorithm.name == "sft" and not evaluates
 
 
 def apply_override(data: dict, assignment: str) -> None:

@@ -75,6 +75,7 @@ class Worker:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         self.phase = Phase.SWITCHING  # until setup() has built the engines
+        self.rollout: RolloutEngine | None = None  # none in a train-only run (JobConfig.trains_only)
         self.timings: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
 
@@ -95,7 +96,8 @@ class Worker:
         return os.getpid(), ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
 
     def setup(self, model_dir: str, job: dict, master: tuple[str, int], reference_dir: str | None = None) -> None:
-        """Build the trainer (joining the DeepSpeed world), offload it, then vLLM: start in ROLLOUT."""
+        """Build the trainer (joining the DeepSpeed world), offload it, then vLLM: start in ROLLOUT; a
+        train-only run builds the trainer alone and starts in TRAIN."""
         self.job = JobConfig.model_validate(job)
         if not (Path(model_dir) / "config.json").exists():
             raise FileNotFoundError(f"worker {self.rank}: model directory {model_dir} is not on this node; on a "
@@ -104,7 +106,10 @@ class Worker:
                           MASTER_ADDR=master[0], MASTER_PORT=str(master[1]))
         with self._timed("time/setup_train"):
             self.train = TrainEngine(model_dir, self.job, reference_dir=reference_dir)
-            self.train.offload()
+        if self.job.trains_only:
+            self.phase = Phase.TRAIN
+            return
+        self.train.offload()
         with self._timed("time/setup_rollout"):  # the ranks of one engine share its seed
             engine = self.rank // self.job.rollout.tensor_parallel_size
             self.rollout = RolloutEngine.from_config(model_dir, self.job.rollout, self.job.model.dtype,
@@ -129,6 +134,9 @@ class Worker:
 
     @requires(Phase.TRAIN)
     def to_rollout(self) -> None:
+        if self.rollout is None:
+            raise PhaseError(f"worker {self.rank}: this run started no rollout engine (SFT without held-out "
+                             "evaluation); set schedule.eval_every and env.eval_tasks to evaluate")
         self.phase = Phase.SWITCHING
         with self._timed("time/wake"):
             self.rollout.wake(("weights",))
@@ -184,8 +192,9 @@ class Worker:
     def stats(self) -> dict:
         """Timings and metrics since the last call, the phase and what each engine holds on the device."""
         out = {**self.timings, **self.metrics, "phase": self.phase.value}
-        if hasattr(self, "rollout"):
+        if self.rollout is not None:
             out.update({f"memory/rollout_{k}": v for k, v in self.rollout.holds_device_memory().items()})
+        if hasattr(self, "train"):
             out["memory/train"] = self.train.holds_device_memory()
         self.timings, self.metrics = {}, {}
         return out
@@ -266,7 +275,7 @@ class WorkerGroup:
         self.master = self._call_one(0, "address")
         self._call("setup", str(model_dir), job.model_dump(mode="json"), self.master,
                    str(reference_dir) if reference_dir is not None else None)
-        self.phase = [Phase.ROLLOUT] * w.num_workers
+        self.phase = [Phase.TRAIN if job.trains_only else Phase.ROLLOUT] * w.num_workers
 
     # ---- fan-out ---------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
@@ -280,10 +289,15 @@ class WorkerGroup:
         return [g for part in results[::self.tp] for g in part]
 
     def to_train(self) -> None:
-        self._call("to_train", next_phase=Phase.TRAIN)
+        """Sleep vLLM, reload the trainer; a no-op when already there, so callers switch only when the
+        next call needs the other engine (SFT steps back to back never wake vLLM)."""
+        if set(self.phase) != {Phase.TRAIN}:
+            self._call("to_train", next_phase=Phase.TRAIN)
 
     def to_rollout(self) -> None:
-        self._call("to_rollout", next_phase=Phase.ROLLOUT)
+        """Wake vLLM with the trainer's latest weights, offload the trainer; a no-op when already there."""
+        if set(self.phase) != {Phase.ROLLOUT}:
+            self._call("to_rollout", next_phase=Phase.ROLLOUT)
 
     def train_step(self, batch: TokenBatch, loss_fn: LossFn) -> dict[str, float]:
         """Sequences dealt round-robin to the workers; stats come back already averaged over ranks."""

@@ -4,6 +4,7 @@ by task kind, beside the model-free baselines on the same tasks.
 
     python scripts/demo.py [--seed N] [--sft-steps N] [--rl-steps N] [--eval-tasks N] [--out DIR]
     python scripts/demo.py --gpu      # k2-mini on one GPU: configs/gpu-demo-sft.yaml, configs/gpu-demo-rl.yaml
+    python scripts/demo.py --resume   # after an interruption: finished stages kept, the other continued
 
 Runs land in OUT/demo-sft-sSEED and OUT/demo-rl-sSEED (metrics.jsonl, plots/, rollouts/ with the
 held-out dialogs as eval_step_N.jsonl, checkpoints/); the summary table goes to OUT/demo-sSEED.json.
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from k2rl.config import load_config
 from k2rl.loop.run_dir import RunDir
 
 CONFIGS = {"cpu": ("configs/demo-sft.yaml", "configs/tiny-cpu.yaml"),
@@ -26,10 +28,29 @@ ROWS = [("success on action tasks", "success_action"), ("wrong refusals (action 
         ("expected reward per task", "reward")]
 
 
-def train(config: str, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "k2rl.cli", "train", config, *[a for o in overrides for a in ("--set", o)]]
+def last_step(run: Path) -> int:
+    """The step of the run's latest complete checkpoint (0 without one)."""
+    latest = RunDir(run).latest()
+    return json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+
+
+def train(run: Path, config: str, *overrides: str, resume: bool = False) -> None:
+    """One stage: `k2rl train`, or with `resume` the continuation of an interrupted one (a stage that
+    finished is left as it is). A stage that stops early (SIGTERM checkpoints first) ends the demo."""
+    settings = [a for o in overrides for a in ("--set", o)]
+    steps = load_config(config, list(overrides)).schedule.steps
+    if resume and last_step(run) >= steps:
+        print(f"{run.name}: finished earlier (step {steps}), kept", flush=True)
+        return
+    if resume and last_step(run):
+        cmd = [sys.executable, "-m", "k2rl.cli", "train", "--resume", str(run), *settings]
+    else:
+        shutil.rmtree(run, ignore_errors=True)
+        cmd = [sys.executable, "-m", "k2rl.cli", "train", config, *settings]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
+    if last_step(run) < steps:
+        sys.exit(f"{run.name} stopped at step {last_step(run)} of {steps}; continue with --resume")
 
 
 def columns(metrics: list[dict]) -> dict[str, dict[str, float]]:
@@ -60,20 +81,21 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=None, help="default: the RL config's")
     parser.add_argument("--eval-tasks", type=int, default=200)
     parser.add_argument("--out", default="runs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both stages, e.g. schedule.keep_checkpoints=1 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue interrupted stages from their last checkpoint; keep finished ones")
     args = parser.parse_args()
     start = time.time()
     sft, rl = f"demo-sft-s{args.seed}", f"demo-rl-s{args.seed}"
-    for name in (sft, rl):
-        shutil.rmtree(Path(args.out) / name, ignore_errors=True)
-
     sft_config, rl_config = CONFIGS["gpu" if args.gpu else "cpu"]
-    common = [f"run.output_dir={args.out}", f"run.seed={args.seed}", f"model.init_seed={args.seed}"]
+    common = [f"run.output_dir={args.out}", f"run.seed={args.seed}", f"model.init_seed={args.seed}", *args.overrides]
     sft_steps = [f"schedule.steps={args.sft_steps}"] if args.sft_steps else []
-    train(sft_config, *common, f"run.name={sft}", *sft_steps)
+    train(Path(args.out) / sft, sft_config, *common, f"run.name={sft}", *sft_steps, resume=args.resume)
     sft_model = RunDir(Path(args.out) / sft).latest() / "model"
     rl_steps = [f"schedule.steps={args.rl_steps}"] if args.rl_steps else []
-    train(rl_config, *common, f"run.name={rl}", f"model.path={sft_model}", *rl_steps,
-          f"env.eval_tasks={args.eval_tasks}")
+    train(Path(args.out) / rl, rl_config, *common, f"run.name={rl}", f"model.path={sft_model}", *rl_steps,
+          f"env.eval_tasks={args.eval_tasks}", resume=args.resume)
 
     metrics = [json.loads(line) for line in (Path(args.out) / rl / "metrics.jsonl").read_text().splitlines()]
     table = columns(metrics)

@@ -72,3 +72,12 @@ def test_every_shipped_config_validates(path):
         load_synth_config(path)
     else:
         load_config(path)
+
+
+def test_only_sft_without_evaluation_trains_only():
+    """Such a run starts no vLLM engine: nothing in it generates."""
+    sft = ["algorithm.name=sft", "env.eval_tasks=8"]
+    assert load_config(None, [*sft, "schedule.eval_every=0"]).trains_only
+    assert load_config(None, [*sft, "schedule.eval_every=5", "env.eval_tasks=0"]).trains_only
+    assert not load_config(None, [*sft, "schedule.eval_every=5"]).trains_only
+    assert not load_config(None, ["algorithm.name=k2", "schedule.eval_every=0"]).trains_only

@@ -26,7 +26,7 @@ def _trajectory(success: bool, end_reason: str = "done", process: float = 1.0, t
 
 
 def test_budget_penalty_and_weights():
-    weights = RewardWeights(verifiable=1.0, process=0.5, budget=0.3)
+    weights = RewardWeights(verifiable=1.0, process=0.5, budget=0.3, unsolved=0.0)
     trajectories = [_trajectory(True), _trajectory(False, "budget", process=0.5, sample=1)]
     rewards, metrics = score(trajectories, {"t1": "goal"}, 2, weights, judge=None)
     assert rewards[0].total == pytest.approx(1.0 + 0.5)

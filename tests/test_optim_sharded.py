@@ -134,6 +134,7 @@ def test_k2rl_train_runs_muonclip_under_zero(stage, tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _metrics(tmp_path / "zero")
     assert [r["step"] for r in rows][-2:] == [1, 2]
+    assert "time/setup_train" in rows[0] and "time/setup_rollout" not in rows[0]  # SFT without eval: no vLLM
     for row in rows[-2:]:
         assert row.get("train/grad_norm", 0) > 0 and "attn/clipped_heads" in row, row
     assert (tmp_path / "zero" / "checkpoints" / "latest").read_text().strip() == "step_2"

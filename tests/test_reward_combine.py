@@ -50,3 +50,23 @@ def test_broken_calls_count_malformed_text_unknown_tools_and_bad_arguments():
     assert trajectory(tool_calls=3, valid_calls=1, errors={"malformed": 1}).broken_calls == pytest.approx(0.75)
     assert trajectory(tool_calls=2, valid_calls=2).broken_calls == 0.0
     assert trajectory().broken_calls == 0.0  # no call attempted: nothing broken
+
+
+def test_an_unsolved_action_task_costs_the_same_whatever_the_reply():
+    """A false "done", silence and a refusal: -1 each under the defaults; wrong_refusal can add to it."""
+    from k2rl.env.environment import CheckResult
+    from k2rl.rollout.trajectory import EpisodeStats, Trajectory
+
+    def episode(reply: str, tags: list[str], success: bool = False):
+        return Trajectory(task_id="t", env="e", token_ids=[], loss_mask=[], logprobs=[], prompt_len=0, tools=[],
+                          messages=[{"role": "user", "content": "cancel O1"}, {"role": "assistant", "content": reply}],
+                          result=CheckResult(success=success, score=float(success)), stats=EpisodeStats(), tags=tags)
+
+    defaults = RewardWeights()
+    unsolved = [combine(episode(reply, ["cancel"]).reward_parts(), defaults).total
+                for reply in ("Done, O1 is cancelled.", "Hello.", "Sorry, I cannot do that.")]
+    assert unsolved == [-1.0, -1.0, -1.0]
+    assert combine(episode("Done.", ["cancel"], success=True).reward_parts(), defaults).total == 1.5
+    assert combine(episode("Sorry, I cannot.", ["cancel", "refuse"], success=True).reward_parts(), defaults).total == 1.5
+    extra = RewardWeights(wrong_refusal=0.5)
+    assert combine(episode("Sorry, I cannot do that.", ["cancel"]).reward_parts(), extra).total == -1.5

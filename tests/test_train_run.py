@@ -39,9 +39,10 @@ EVERY_STEP = {
     "reward/judge_failures", "rollout/success", "rollout/wrong_refusal", "rollout/tool_calls", "rollout/process_score", "rollout/avg_turns", "rollout/generated_tokens",
     "rollout/truncated_rate", "rollout/tool_call_validity", "rollout/temperature", "rollout/length_tokens",
     "mismatch/logprob_abs", "attn/max_logit", "attn/clipped_heads", "train/loss", "train/grad_norm", "train/lr",
-    "time/rollout", "time/judge", "time/train", "time/sync", "time/offload", "time/reload", "time/wake",
-    "time/logprobs", "time/step", "perf/tokens_per_s", "sync/gb_per_s",
+    "time/switch", "time/rollout", "time/judge", "time/train", "time/reload", "time/step", "perf/tokens_per_s",
 }
+# The switch back to vLLM (weights synced) opens the next step: from step 2 on, and in no SFT step.
+AFTER_AN_UPDATE = {"time/sync", "time/offload", "time/wake", "sync/gb_per_s"}
 
 
 def test_short_run_writes_the_whole_run_directory(tiny_model_dir, tmp_path):
@@ -63,7 +64,9 @@ def test_short_run_writes_the_whole_run_directory(tiny_model_dir, tmp_path):
     assert rows[0]["baseline/refuse/wrong_refusal"] == 1.0 and rows[0]["baseline/oracle/success"] == 1.0
     for row in rows[1:]:
         assert EVERY_STEP | {"loss/ptx", "loss/kl", "loss/clip_frac", "time/reference"} <= set(row), EVERY_STEP - set(row)
+        assert "time/logprobs" not in row  # one update per rollout: the update's forward gives the old logprobs
         assert row["mismatch/logprob_abs"] < 5e-3
+    assert AFTER_AN_UPDATE <= set(rows[2])
     assert (run / "config.yaml").exists() and (run / "rollouts" / "step_1.jsonl").exists()
     assert {p.name for p in (run / "plots").iterdir()} >= {"reward.png", "success.png", "kinds.png", "time.png"}
     assert any((run / "tensorboard").iterdir())

@@ -54,9 +54,8 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
     group = WorkerGroup(model_dir, config, reference_dir)
     try:
         if ckpt is not None:  # weights came with model_dir; the optimizer state comes from here
-            group.to_train()
+            group.to_train()  # vLLM gets the weights when the run next rolls out
             group.load_checkpoint(str(ckpt / "model"))
-            group.to_rollout()
         return Trainer(config, group, model_dir, run_dir, start_step, cursor).run()
     finally:
         group.shutdown()

@@ -1,7 +1,8 @@
 """The loss the workers minimise, built from `algorithm` config; a picklable callable so Ray can ship it.
 
 It follows the TrainEngine's loss contract (k2rl.engines.train): per-sequence logprobs aligned with
-the ids in, (loss, stats) out. Sequences flagged `ptx` in the batch are K2's PTX data: they add
+the ids in, (loss, stats) out. Without `old_logprobs` in the batch (one update per rollout), the
+update's own forward stands for the sampling policy: the same numbers, one forward pass fewer. Sequences flagged `ptx` in the batch are K2's PTX data: they add
 `ptx_coef` x next-token loss; the rest take the RL objective (or plain SFT with `algorithm: sft`).
 """
 from __future__ import annotations
@@ -44,14 +45,23 @@ class Objective:
 
     def _rl_loss(self, logp, mask, batch, rows):
         dev = logp.device
-        old = _pad(batch.token_data["old_logprobs"]).to(dev)[rows]
         adv = batch.seq_data["advantages"].to(dev)[rows]
+        stats: dict[str, float] = {}
+        if "old_logprobs" in batch.token_data:
+            old = _pad(batch.token_data["old_logprobs"]).to(dev)[rows]
+        else:  # one update per rollout: this forward is the sampling policy's, no separate pass needed
+            old = logp.detach()
+            if "rollout_logprobs" in batch.token_data:
+                rollout = _pad(batch.token_data["rollout_logprobs"]).to(dev)[rows]
+                stats["mismatch/logprob_abs"] = float(((old - rollout).abs() * mask).sum() / mask.sum().clamp(min=1))
         weights = None
         if self.algo.truncated_is_cap is not None:
             rollout = _pad(batch.token_data["rollout_logprobs"]).to(dev)[rows]
             weights = truncated_is_weights(old, rollout, mask, self.algo.truncated_is_cap)
         if self.algo.name == "k2":
-            return k2_loss(logp, old, mask, adv, self.algo.tau, weights)
-        ref = _pad(batch.token_data["ref_logprobs"]).to(dev)[rows] if self.algo.kl_coef > 0 else None
-        return pg_clip_loss(logp, old, mask, adv, self.algo.clip_eps, self.algo.aggregation, weights,
-                            self.algo.kl_coef, ref)
+            loss, loss_stats = k2_loss(logp, old, mask, adv, self.algo.tau, weights)
+        else:
+            ref = _pad(batch.token_data["ref_logprobs"]).to(dev)[rows] if self.algo.kl_coef > 0 else None
+            loss, loss_stats = pg_clip_loss(logp, old, mask, adv, self.algo.clip_eps, self.algo.aggregation,
+                                            weights, self.algo.kl_coef, ref)
+        return loss, {**stats, **loss_stats}

@@ -55,6 +55,7 @@ class Trainer:
     def rollout(self, tasks, samples: int, temperature: float):
         # Seeded by run seed and step, so a resumed run samples exactly what the uninterrupted one did.
         seed = (self.config.run.seed * 1_000_003 + self.step * 7919) % 2**31
+        self.group.to_rollout()  # no-op in rl_step; evaluations after an update switch here
         sampling = SamplingConfig(temperature=temperature, seed=seed, stop_token_ids=self.chat.stop_ids)
         return run_episodes(self.group, self.chat, self.make_env, tasks, sampling=sampling, limits=self.limits,
                             samples_per_task=samples)
@@ -65,6 +66,8 @@ class Trainer:
         temperature = temperature_at(self.step, algo.temperature)
         tasks = self.tasks.next(math.ceil(algo.tasks_per_step * algo.oversample))
         t0 = time.perf_counter()
+        self.group.to_rollout()  # the last update's weights go to vLLM
+        t_switch = time.perf_counter()
         trajectories = self.rollout(tasks, algo.samples_per_task, temperature)
         t_rollout = time.perf_counter()
         rewards, reward_metrics = score(trajectories, {t.id: t.goal for t in tasks}, algo.samples_per_task,
@@ -84,8 +87,8 @@ class Trainer:
             "rollout/env_failures": summary["env_failures"], "rollout/temperature": temperature,
             "rollout/length_tokens": sum(len(t.token_ids) for t in trajectories) / len(trajectories),
             **_prefixed(train_stats), **self._worker_stats(),
-            "time/rollout": t_rollout - t0, "time/judge": t_judge - t_rollout, "time/step": t_end - t0,
-            "perf/tokens_per_s": generated / max(t_rollout - t0, 1e-9),
+            "time/switch": t_switch - t0, "time/rollout": t_rollout - t_switch, "time/judge": t_judge - t_rollout,
+            "time/step": t_end - t0, "perf/tokens_per_s": generated / max(t_rollout - t_switch, 1e-9),
         }
 
     def _groups_to_train(self, trajectories: list, rewards: list) -> tuple[list, list]:
@@ -106,13 +109,13 @@ class Trainer:
         if algo.ptx_coef > 0:
             batch = self._with_ptx(batch)
         self.group.to_train()
-        batch.token_data["old_logprobs"] = self.group.logprobs(batch)
+        if algo.epochs_per_step > 1:  # later epochs move the policy off the one that sampled
+            batch.token_data["old_logprobs"] = self.group.logprobs(batch)
         if algo.kl_coef > 0:
             batch.token_data["ref_logprobs"] = self.group.reference_logprobs(batch)
         train_stats: dict[str, float] = {}
         for _ in range(algo.epochs_per_step):
             train_stats = self.group.train_step(batch, self.objective)
-        self.group.to_rollout()
         return {**train_stats, "groups": len(trajectories) // algo.samples_per_task}
 
     def _worker_stats(self) -> dict[str, float]:
@@ -126,7 +129,6 @@ class Trainer:
         t0 = time.perf_counter()
         self.group.to_train()
         stats = self.group.train_step(sft_batch(examples), self.objective)
-        self.group.to_rollout()
         tokens = sum(sum(mask) for _, mask in examples)
         elapsed = time.perf_counter() - t0
         return {**_prefixed(stats), **self._worker_stats(), "time/step": elapsed,
@@ -193,7 +195,6 @@ class Trainer:
         tmp = self.run_dir.begin_checkpoint(self.step)
         self.group.to_train()  # the trainer holds the weights and optimizer state
         self.group.save_checkpoint(str(tmp / "model"))
-        self.group.to_rollout()
         save_rng_state(tmp / "rng.pt")
         return self.run_dir.commit_checkpoint(self.step, tmp, {"step": self.step, "cursor": self.tasks.cursor},
                                               self.config.schedule.keep_checkpoints)

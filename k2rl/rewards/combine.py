@@ -1,7 +1,8 @@
 """One scalar reward per episode from its parts, weighted by `rewards.weights` (config, or a task's
-own weights): verifiable end state + process (milestones) + rubric score - budget penalty - wrong-refusal
-penalty (an action task declined: see docs/rewards.md for why refusing must not pay) - format penalty
-(the share of broken calls: RL must not trade valid tool calls for end-state reward).
+own weights): verifiable end state + process (milestones) + rubric score - budget penalty - unsolved
+penalty (an action task left unsolved, whatever the reply says: declining, a false "done" and silence
+cost the same, see docs/rewards.md) - optional extra wrong-refusal penalty - format penalty (the share
+of broken calls: RL must not trade valid tool calls for end-state reward).
 
 A part a task does not have (no checker, judge off) is None: it adds nothing and is left out of that
 part's logged mean. Every part is logged per step as reward/NAME, unweighted, beside reward/total.
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 from k2rl.config import RewardWeights
 
-PARTS = ("verifiable", "process", "rubric", "budget", "wrong_refusal", "format")
+PARTS = ("verifiable", "process", "rubric", "budget", "unsolved", "wrong_refusal", "format")
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,8 @@ class RewardParts:
     process: float | None = None  # share of required milestone calls made, in [0, 1]
     rubric: float | None = None  # judge score, in [0, 1]
     over_budget: bool = False  # the response hit the task's token budget and was truncated (K2)
-    wrong_refusal: bool | None = None  # an action task left undone with a refusal (None: task kind unknown)
+    unsolved: bool | None = None  # an action task that ended unsolved (None: task kind unknown)
+    wrong_refusal: bool | None = None  # ... and whose final reply declines
     broken_calls: float = 0.0  # share of tool calls and turns that were malformed or invalid, in [0, 1]
 
 
@@ -29,15 +31,16 @@ class RewardParts:
 class Reward:
     total: float
     components: dict[str, float]  # unweighted parts present: verifiable, process, rubric, budget (0 or -1),
-    # wrong_refusal (0 or -1), format (-broken_calls)
+    # unsolved (0 or -1), wrong_refusal (0 or -1), format (-broken_calls)
 
 
 def combine(parts: RewardParts, weights: RewardWeights) -> Reward:
     components = {name: getattr(parts, name) for name in ("verifiable", "process", "rubric")
                   if getattr(parts, name) is not None}
     components["budget"] = -1.0 if parts.over_budget else 0.0
-    if parts.wrong_refusal is not None:
-        components["wrong_refusal"] = -1.0 if parts.wrong_refusal else 0.0
+    for name in ("unsolved", "wrong_refusal"):
+        if getattr(parts, name) is not None:
+            components[name] = -1.0 if getattr(parts, name) else 0.0
     components["format"] = -parts.broken_calls
     total = sum(getattr(weights, name) * value for name, value in components.items())
     return Reward(total, components)

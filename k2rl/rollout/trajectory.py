@@ -73,7 +73,8 @@ class Trajectory:
     def reward_parts(self, rubric: float | None = None) -> RewardParts:
         """What the reward combines for this episode (the rubric score comes from the judge, if any)."""
         return RewardParts(verifiable=float(self.success), process=self.score, rubric=rubric,
-                           over_budget=self.stats.end_reason == "budget", wrong_refusal=self.wrong_refusal,
+                           over_budget=self.stats.end_reason == "budget",
+                           unsolved=self.kind == "action" and not self.success, wrong_refusal=self.wrong_refusal,
                            broken_calls=self.broken_calls)
 
     @property
