@@ -88,6 +88,20 @@ def test_model_matches_eager_attention(tiny_model_dir, monkeypatch, padded):
     torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-6)
 
 
+def test_cpu_takes_the_flash_kernel(tiny_model_dir):
+    """MLA's values (32 wide) are narrower than q and k (96): zero-padded, SDPA runs its flash kernel on
+    the CPU, not the math one (equal results: test_model_matches_eager_attention)."""
+    model = load_model(tiny_model_dir)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64))
+    mask = torch.ones_like(ids)
+    mask[1, 40:] = 0
+    with torch.profiler.profile() as prof:
+        _forward_backward(model, ids, mask)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 def test_eval_passes_record_nothing(tiny_model_dir):
     """Only training-mode forwards pay for the max pass (logprob and reference passes run in eval)."""
     model = load_model(tiny_model_dir)
