@@ -195,8 +195,8 @@ class RewardWeights(Section):
     budget: float = Field(1.0, description="penalty when an episode ran out of token budget (truncated)")
     unsolved: float = Field(1.0, description="penalty when an action task (no \"refuse\" tag) ends unsolved, whatever "
                                              "the reply says: declining, a false \"done\" and silence cost the same (docs/rewards.md)")
-    wrong_refusal: float = Field(0.0, description="extra penalty when an unsolved action task's final reply declines "
-                                                  "(on top of unsolved)")
+    wrong_refusal: float = Field(0.5, description="extra penalty when an unsolved action task's final reply declines "
+                                                  "(on top of unsolved): trying and failing must beat declining (docs/rewards.md)")
     format: float = Field(0.5, description="penalty x the share of an episode's tool calls and turns that were "
                                            "malformed or had unknown tools / invalid arguments")
 

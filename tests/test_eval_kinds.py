@@ -18,9 +18,9 @@ def _episode(task_id, tags, success, score, final, calls=0, valid=0, end="done")
                       "truncated": end == "budget", "end_reason": end, "env_error": None, "env_time_s": 0.0}}
 
 
-EPISODES = [  # reward under verifiable 1, process 0.5, budget 1, unsolved 1, format 0.5 on the right
+EPISODES = [  # reward under verifiable 1, process 0.5, budget 1, unsolved 1, wrong_refusal 0.5, format 0.5
     _episode("a1", ["buy"], True, 1.0, "Done.", calls=2, valid=2),  # 1 + 0.5 = 1.5
-    _episode("a2", ["buy"], False, 0.0, "Sorry, I can't do that."),  # wrong refusal, unsolved: -1
+    _episode("a2", ["buy"], False, 0.0, "Sorry, I can't do that."),  # unsolved, wrong refusal: -1.5
     _episode("a3", ["cancel"], False, 0.5, "All set!", calls=1, valid=0, end="budget"),  # 0.25 - 1 - 1 - 0.5 = -2.25
     _episode("a4", ["cancel"], True, 1.0, "Sorry for the wait: done.", calls=1, valid=1),  # done: no refusal, 1.5
     _episode("r1", ["sold_out", "refuse"], True, 1.0, "Sorry, I cannot."),  # 1.5
@@ -33,7 +33,7 @@ def test_per_kind_figures_of_a_hand_made_episode_file(tmp_path, capsys):
     path.write_text("".join(json.dumps(e) + "\n" for e in EPISODES))
     summary_path = tmp_path / "summary.json"
     weights = ["rewards.weights.verifiable=1", "rewards.weights.process=0.5", "rewards.weights.budget=1",
-               "rewards.weights.unsolved=1", "rewards.weights.format=0.5"]
+               "rewards.weights.unsolved=1", "rewards.weights.wrong_refusal=0.5", "rewards.weights.format=0.5"]
     assert main(["eval", "--episodes", str(path), "--summary", str(summary_path),
                  *[a for w in weights for a in ("--set", w)]]) == 0
     s = json.loads(summary_path.read_text())["hand"]
@@ -42,7 +42,7 @@ def test_per_kind_figures_of_a_hand_made_episode_file(tmp_path, capsys):
     assert s["success_action"] == pytest.approx(2 / 4) and s["success_refuse"] == pytest.approx(1 / 2)
     assert s["wrong_refusal"] == pytest.approx(1 / 4)
     assert s["tool_calls_per_episode"] == pytest.approx(5 / 6) and s["tool_call_validity"] == pytest.approx(4 / 5)
-    assert s["reward"] == pytest.approx((1.5 - 1 - 2.25 + 1.5 + 1.5 + 0) / 6)
+    assert s["reward"] == pytest.approx((1.5 - 1.5 - 2.25 + 1.5 + 1.5 + 0) / 6)
     assert s["success_by_tag"] == {"buy": 0.5, "cancel": 0.5, "refuse": 0.5, "sold_out": 0.5}
     table = capsys.readouterr().out
     for row in ("success_action", "success_refuse", "wrong_refusal", "tool_calls/episode", "reward"):

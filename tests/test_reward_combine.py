@@ -52,8 +52,9 @@ def test_broken_calls_count_malformed_text_unknown_tools_and_bad_arguments():
     assert trajectory().broken_calls == 0.0  # no call attempted: nothing broken
 
 
-def test_an_unsolved_action_task_costs_the_same_whatever_the_reply():
-    """A false "done", silence and a refusal: -1 each under the defaults; wrong_refusal can add to it."""
+def test_an_unsolved_action_task_costs_the_same_whatever_the_reply_and_declining_more():
+    """A false "done" and silence: -1 each under the defaults; a refusal -1.5, below any attempt (the
+    format penalty is at most 0.5)."""
     from k2rl.env.environment import CheckResult
     from k2rl.rollout.trajectory import EpisodeStats, Trajectory
 
@@ -65,8 +66,7 @@ def test_an_unsolved_action_task_costs_the_same_whatever_the_reply():
     defaults = RewardWeights()
     unsolved = [combine(episode(reply, ["cancel"]).reward_parts(), defaults).total
                 for reply in ("Done, O1 is cancelled.", "Hello.", "Sorry, I cannot do that.")]
-    assert unsolved == [-1.0, -1.0, -1.0]
+    assert unsolved == [-1.0, -1.0, -1.5]
+    assert unsolved[2] <= -1.0 - defaults.format  # an attempt whose every call broke
     assert combine(episode("Done.", ["cancel"], success=True).reward_parts(), defaults).total == 1.5
     assert combine(episode("Sorry, I cannot.", ["cancel", "refuse"], success=True).reward_parts(), defaults).total == 1.5
-    extra = RewardWeights(wrong_refusal=0.5)
-    assert combine(episode("Sorry, I cannot do that.", ["cancel"]).reward_parts(), extra).total == -1.5
