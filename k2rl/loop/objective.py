@@ -2,8 +2,9 @@
 
 It follows the TrainEngine's loss contract (k2rl.engines.train): per-sequence logprobs aligned with
 the ids in, (loss, stats) out. Without `old_logprobs` in the batch (one update per rollout), the
-update's own forward stands for the sampling policy: the same numbers, one forward pass fewer. Sequences flagged `ptx` in the batch are K2's PTX data: they add
-`ptx_coef` x next-token loss; the rest take the RL objective (or plain SFT with `algorithm: sft`).
+update's own forward stands for the sampling policy: the same numbers, one forward pass fewer.
+Sequences flagged `ptx` in the batch are K2's PTX data: they add `ptx_coef` x next-token loss; the
+rest take the RL objective (or plain SFT with `algorithm: sft`).
 """
 from __future__ import annotations
 
