@@ -30,8 +30,8 @@ ROWS = [("success on action tasks", "success_action"), ("wrong refusals (action 
 
 def last_step(run: Path) -> int:
     """The step of the run's latest complete checkpoint (0 without one)."""
-    latest = RunDir(run).latest()
-    return json.loads((latest / "trainer_state.json").read_text())["step"] if latest else 0
+    found = RunDir(run).latest_state()
+    return found[1]["step"] if found else 0
 
 
 def train(run: Path, config: str, *overrides: str, resume: bool = False) -> None:

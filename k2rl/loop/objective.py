@@ -48,16 +48,16 @@ class Objective:
         dev = logp.device
         adv = batch.seq_data["advantages"].to(dev)[rows]
         stats: dict[str, float] = {}
+        rollout = (_pad(batch.token_data["rollout_logprobs"]).to(dev)[rows]
+                   if "rollout_logprobs" in batch.token_data else None)
         if "old_logprobs" in batch.token_data:
             old = _pad(batch.token_data["old_logprobs"]).to(dev)[rows]
         else:  # one update per rollout: this forward is the sampling policy's, no separate pass needed
             old = logp.detach()
-            if "rollout_logprobs" in batch.token_data:
-                rollout = _pad(batch.token_data["rollout_logprobs"]).to(dev)[rows]
+            if rollout is not None:
                 stats["mismatch/logprob_abs"] = float(((old - rollout).abs() * mask).sum() / mask.sum().clamp(min=1))
         weights = None
         if self.algo.truncated_is_cap is not None:
-            rollout = _pad(batch.token_data["rollout_logprobs"]).to(dev)[rows]
             weights = truncated_is_weights(old, rollout, mask, self.algo.truncated_is_cap)
         if self.algo.name == "k2":
             loss, loss_stats = k2_loss(logp, old, mask, adv, self.algo.tau, weights)

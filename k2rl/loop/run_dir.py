@@ -58,6 +58,11 @@ class RunDir:
                 and (p / "trainer_state.json").exists()]
         return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
+    def latest_state(self) -> tuple[Path, dict] | None:
+        """The latest complete checkpoint and its trainer state (step, cursor), or None without one."""
+        latest = self.latest()
+        return (latest, json.loads((latest / "trainer_state.json").read_text())) if latest else None
+
     def latest(self) -> Path | None:
         pointer = self.checkpoints / "latest"
         if pointer.exists() and (self.checkpoints / pointer.read_text().strip() / "trainer_state.json").exists():

@@ -6,7 +6,6 @@ the driver runs the agent loop (environments are cheap Python) and the judge cli
 """
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -250,9 +249,9 @@ def _prefixed(train_stats: dict[str, float]) -> dict[str, float]:
 
 def restore(run_dir: RunDir) -> tuple[int, int, Path] | None:
     """(step, cursor, checkpoint dir) of the latest complete checkpoint, RNG restored; None if none."""
-    latest = run_dir.latest()
-    if latest is None:
+    found = run_dir.latest_state()
+    if found is None:
         return None
-    state = json.loads((latest / "trainer_state.json").read_text())
+    latest, state = found
     load_rng_state(latest / "rng.pt")
     return state["step"], state["cursor"], latest

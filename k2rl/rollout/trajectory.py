@@ -62,9 +62,14 @@ class Trajectory:
         return replies[-1] if replies else ""
 
     @property
+    def unsolved(self) -> bool:
+        """A task that needed action, left undone."""
+        return self.kind == "action" and not self.success
+
+    @property
     def wrong_refusal(self) -> bool:
         """An action task left undone whose final assistant reply reads as a refusal."""
-        return self.kind == "action" and not self.success and reads_as_refusal(self.final_reply)
+        return self.unsolved and reads_as_refusal(self.final_reply)
 
     @property
     def score(self) -> float:
@@ -74,7 +79,7 @@ class Trajectory:
         """What the reward combines for this episode (the rubric score comes from the judge, if any)."""
         return RewardParts(verifiable=float(self.success), process=self.score, rubric=rubric,
                            over_budget=self.stats.end_reason == "budget",
-                           unsolved=self.kind == "action" and not self.success, wrong_refusal=self.wrong_refusal,
+                           unsolved=self.unsolved, wrong_refusal=self.wrong_refusal,
                            broken_calls=self.broken_calls)
 
     @property
