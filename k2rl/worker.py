@@ -34,7 +34,7 @@ import torch
 from k2rl.config import JobConfig
 from k2rl.engines.rollout import RolloutEngine
 from k2rl.engines.train import LossFn, TrainEngine
-from k2rl.engines.types import Generation, SamplingConfig, TokenBatch
+from k2rl.engines.types import Generation, SamplingConfig, TokenBatch, is_routed_expert
 
 # Environment the actors need before importing vLLM / DeepSpeed (see PLATFORM.md).
 # Ray marks a node dead after health_check_failure_threshold (5) missed checks every
@@ -75,6 +75,7 @@ class Worker:
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         self.phase = Phase.SWITCHING  # until setup() has built the engines
+        self.train: TrainEngine | None = None
         self.rollout: RolloutEngine | None = None  # none in a train-only run (JobConfig.trains_only)
         self.timings: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
@@ -194,7 +195,7 @@ class Worker:
         out = {**self.timings, **self.metrics, "phase": self.phase.value}
         if self.rollout is not None:
             out.update({f"memory/rollout_{k}": v for k, v in self.rollout.holds_device_memory().items()})
-        if hasattr(self, "train"):
+        if self.train is not None:
             out["memory/train"] = self.train.holds_device_memory()
         self.timings, self.metrics = {}, {}
         return out
@@ -215,12 +216,13 @@ class Worker:
 def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) -> tuple[int, float]:
     """Stream the trainer's weights into vLLM (buckets from the trainer, cast to vLLM's dtype on the
     way out, one in-place reload in vLLM); where vLLM can take them directly, the routed experts follow
-    in a second pass of straight copies (k2rl.engines.expert_copy). Returns (bytes moved, seconds)."""
+    in a second pass of straight copies (k2rl.engines.expert_copy), of which the trainer exports only
+    this engine rank's slice. Returns (bytes moved, seconds)."""
     moved = 0
 
-    def stream(select=None):
+    def stream(select=None, shard=None):
         nonlocal moved
-        for bucket in train.export_weights(bucket_bytes, rollout.dtype, select):
+        for bucket in train.export_weights(bucket_bytes, rollout.dtype, select, shard):
             for name, tensor in bucket:
                 moved += tensor.numel() * tensor.element_size()
                 yield name, tensor
@@ -228,15 +230,10 @@ def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) 
     start = time.perf_counter()
     if rollout.direct_experts:
         rollout.load_weights(stream(lambda name: not is_routed_expert(name)))
-        rollout.load_experts(stream(is_routed_expert))
+        rollout.load_experts(stream(is_routed_expert, rollout.expert_shard))
     else:
         rollout.load_weights(stream())
     return moved, time.perf_counter() - start
-
-
-def is_routed_expert(name: str) -> bool:
-    """A trainer parameter holding routed experts (transformers keeps them fused per layer)."""
-    return ".mlp.experts." in name
 
 
 class WorkerGroup:

@@ -1,6 +1,8 @@
 """CPU benchmark: trainer -> vLLM weight sync (the worker's own `sync_weights`: bucketed export from a
 DeepSpeed engine streamed into vLLM's in-place reload) against a plain copy of the same bytes, in the
-same run, for k2-tiny and a ~93M-parameter K2-shaped model.
+same run, for k2-tiny and a ~93M-parameter K2-shaped model. Then the trainer side alone of the routed
+experts' pass, cast to bf16 as for a bf16 vLLM on a GPU: the whole experts against one tensor-parallel
+rank's slice (`ExpertShard`) for TP 2 and 4.
 
     python scripts/bench_sync.py [--bucket-mb 64] [--repeats 3]
 """
@@ -26,6 +28,7 @@ from transformers import DeepseekV3Config  # noqa: E402
 from k2rl.config import JobConfig  # noqa: E402
 from k2rl.engines.rollout import RolloutEngine  # noqa: E402
 from k2rl.engines.train import TrainEngine  # noqa: E402
+from k2rl.engines.types import ExpertShard, is_routed_expert  # noqa: E402
 from k2rl.model.build import make_model  # noqa: E402
 from k2rl.model.checkpoint import save_model  # noqa: E402
 from k2rl.model.modeling import build_model  # noqa: E402
@@ -58,6 +61,18 @@ def plain_copy_seconds(nbytes: int, repeats: int) -> float:
     return best
 
 
+def expert_export(train: TrainEngine, bucket_bytes: int, shard: ExpertShard | None, repeats: int) -> tuple[int, float]:
+    """Bytes and best seconds over `repeats` runs of the trainer's export of the routed experts in bf16
+    (buckets consumed, not loaded anywhere)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        nbytes = sum(t.numel() * t.element_size() for bucket in
+                     train.export_weights(bucket_bytes, torch.bfloat16, is_routed_expert, shard) for _, t in bucket)
+        best = min(best, time.perf_counter() - start)
+    return nbytes, best
+
+
 def bench(name: str, model_dir: Path, bucket_bytes: int, repeats: int) -> None:
     job = JobConfig(optimizer={"name": "adamw"}, train={"zero_stage": 1})
     train = TrainEngine(model_dir, job)
@@ -69,6 +84,13 @@ def bench(name: str, model_dir: Path, bucket_bytes: int, repeats: int) -> None:
     print(f"{name}: {params / 1e6:.1f}M params, {nbytes / 1e6:.0f} MB | sync {seconds * 1e3:.0f} ms = "
           f"{nbytes / seconds / 1e9:.2f} GB/s | plain copy {copy * 1e3:.1f} ms = {nbytes / copy / 1e9:.2f} GB/s | "
           f"sync / copy = {seconds / copy:.1f}x", flush=True)
+    whole_bytes, whole_s = expert_export(train, bucket_bytes, None, repeats)
+    parts = [f"{name} expert export to bf16: whole {whole_bytes / 1e6:.1f} MB {whole_s * 1e3:.1f} ms"]
+    for size in (2, 4):
+        nbytes, secs = expert_export(train, bucket_bytes, ExpertShard(0, size), repeats)
+        parts.append(f"TP {size} shard {nbytes / 1e6:.1f} MB {secs * 1e3:.1f} ms (whole / shard: "
+                     f"bytes {whole_bytes / nbytes:.1f}x, time {whole_s / secs:.1f}x)")
+    print(" | ".join(parts), flush=True)
 
 
 def main() -> None:

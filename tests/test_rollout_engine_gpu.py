@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from k2rl.engines.expert_copy import EXPERT
-from k2rl.engines.types import SamplingConfig
+from k2rl.engines.types import ExpertShard, SamplingConfig
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
 
@@ -43,6 +43,7 @@ def test_sleep_frees_memory_and_reload_is_exact(gpu_model_dir, enforce_eager):
                            enforce_eager=enforce_eager)
     awake = used_gib()
     assert engine.direct_experts  # unquantized experts without EP on a GPU: straight copies
+    assert engine.expert_shard == ExpertShard(0, 1)  # the trainer exports this rank's slice (here: all)
     first = generate(engine)
     engine.sleep()
     asleep = used_gib()

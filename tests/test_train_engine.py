@@ -4,7 +4,8 @@ import torch
 
 from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.train import TrainEngine, lr_multiplier
-from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, add_routing
+from k2rl.engines.expert_copy import EXPERT
+from k2rl.engines.types import ROUTED_EXPERTS, ExpertShard, TokenBatch, add_routing, is_routed_expert
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
 from k2rl.model.routing import own_routing
@@ -62,9 +63,6 @@ def test_export_buckets_are_bounded_and_complete(engine, tiny_model_dir):
 
 
 def test_export_selects_parameters_by_name(engine):
-    from k2rl.engines.expert_copy import EXPERT
-    from k2rl.worker import is_routed_expert
-
     full = {n for bucket in engine.export_weights(200_000) for n, _ in bucket}
     experts = {n for bucket in engine.export_weights(200_000, select=is_routed_expert) for n, _ in bucket}
     rest = {n for bucket in engine.export_weights(200_000, select=lambda n: not is_routed_expert(n)) for n, _ in bucket}
@@ -90,6 +88,34 @@ def test_export_in_rollout_dtype_casts_each_bucket_into_one_buffer(engine, tiny_
         assert len(storages) <= 2  # one flat buffer per dtype in the bucket
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
         assert nbytes <= max(bucket_bytes, largest)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_export_of_an_expert_shard_is_each_experts_slice(engine, rank):
+    """What a rank of a TP-2 vLLM engine gets: its inter block of every routed expert (gate/up rows,
+    down columns), cast from the slice alone; the rest whole; expert buckets packed by the sliced bytes."""
+    def export(bucket_bytes, **kwargs):
+        return list(engine.export_weights(bucket_bytes, torch.bfloat16, **kwargs))
+
+    def expert_bytes(named):
+        return sum(t.numel() * t.element_size() for n, t in named.items() if EXPERT.match(n))
+
+    whole = {n: t for bucket in export(100_000) for n, t in bucket}
+    got = {n: t for bucket in export(100_000, shard=ExpertShard(rank, 2)) for n, t in bucket}
+    assert got.keys() == whole.keys()
+    for name, tensor in got.items():
+        expected = whole[name]
+        if EXPERT.match(name):
+            dim = 1 if name.endswith("down_proj.weight") else 0
+            half = expected.shape[dim] // 2
+            expected = expected.narrow(dim, rank * half, half)
+        assert tensor.shape == expected.shape and torch.equal(tensor, expected), name
+    assert expert_bytes(got) * 2 == expert_bytes(whole) > 0
+
+    bucket_bytes = 300_000  # bf16 k2-tiny per MoE layer: gate_up 262 kB, down 131 kB; halved, the two fit in one
+    sharded = export(bucket_bytes, select=is_routed_expert, shard=ExpertShard(rank, 2))
+    assert len(sharded) < len(export(bucket_bytes, select=is_routed_expert))
+    assert all(sum(t.numel() * t.element_size() for _, t in bucket) <= bucket_bytes for bucket in sharded)
 
 
 def test_train_step_learns_and_checkpoint_round_trips(engine, tmp_path):

@@ -5,7 +5,8 @@ model's name matching, a fraction of a millisecond of Python per tensor (measure
 per loader call). Routed experts are most of those tensors: 3 per expert per MoE layer, 2,112 per sync
 for k2-mini, ~69,000 for K2. On a GPU vLLM's unquantized fused-MoE kernel reads `w13_weight`
 [experts, 2 x inter, hidden] (gate rows, then up rows) and `w2_weight` [experts, hidden, inter] in the
-checkpoint's own layout, so each expert is three slice copies of this tensor-parallel rank's share.
+checkpoint's own layout, so each expert is three slice copies of this tensor-parallel rank's share
+(sent whole, or already narrowed to that share by the trainer).
 
 Runs inside vLLM's worker (collective_rpc). Layers whose layout vLLM transforms keep vLLM's loader:
 on the CPU (experts are pre-packed for the CPU kernel), quantized experts, expert parallelism.
@@ -18,6 +19,8 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
+
+from k2rl.engines.types import ExpertShard
 
 EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -38,31 +41,37 @@ def direct_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def copy_experts(targets: dict[str, torch.nn.Module], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Copy each (checkpoint name, full expert matrix) into its module's slice for this rank; returns the
-    number of tensors copied. A name or shape that does not fit is an error, not a silent skip."""
+    """Copy each (checkpoint name, expert matrix) into its module's slice for this rank; returns the
+    number of tensors copied. A matrix is either whole or already this rank's slice (the trainer's
+    `ExpertShard` export). A name or shape that does not fit is an error, not a silent skip."""
     count = 0
     for name, weight in named_tensors:
         match = EXPERT.match(name)
         if match is None or match.group(1) not in targets:
             raise ValueError(f"{name}: not a routed expert of this vLLM model")
         module, expert, proj = targets[match.group(1)], int(match.group(2)), match.group(3)
-        parallel = module.moe_config.moe_parallel_config
+        part = _rank_slice(name, weight, module)
         if proj == "down_proj":
-            inter = module.w2_weight.shape[2]
-            _check(name, weight.shape[1], inter * parallel.tp_size)
-            module.w2_weight[expert].copy_(weight[:, parallel.tp_rank * inter:(parallel.tp_rank + 1) * inter])
+            module.w2_weight[expert].copy_(part)
         else:
-            inter = module.w13_weight.shape[1] // 2
-            _check(name, weight.shape[0], inter * parallel.tp_size)
+            inter = part.shape[0]
             half = 0 if proj == "gate_proj" else inter
-            module.w13_weight[expert, half:half + inter].copy_(weight[parallel.tp_rank * inter:(parallel.tp_rank + 1) * inter])
+            module.w13_weight[expert, half:half + inter].copy_(part)
         count += 1
     return count
 
 
-def _check(name: str, size: int, expected: int) -> None:
-    if size != expected:
-        raise ValueError(f"{name}: inter size {size}, vLLM holds {expected} (padded experts take vLLM's loader)")
+def _rank_slice(name: str, weight: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """`weight` as this rank holds it: as sent when it is already the rank's slice, else narrowed."""
+    parallel = module.moe_config.moe_parallel_config
+    inter = module.w2_weight.shape[2]
+    size = weight.shape[ExpertShard.inter_dim(name)]
+    if size == inter:
+        return weight
+    if size != inter * parallel.tp_size:
+        raise ValueError(f"{name}: inter size {size}, vLLM holds {inter} per rank of {inter * parallel.tp_size} "
+                         "(padded experts take vLLM's loader)")
+    return ExpertShard(parallel.tp_rank, parallel.tp_size).narrow(name, weight)
 
 
 @contextmanager

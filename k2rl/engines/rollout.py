@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from k2rl.engines.expert_copy import copy_experts, direct_targets, experts_left_out_of_reload
-from k2rl.engines.types import Generation, SamplingConfig
+from k2rl.engines.types import ExpertShard, Generation, SamplingConfig
 from k2rl.model.routing import moe_layer_ids
 
 if TYPE_CHECKING:
@@ -80,8 +80,11 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.awake = dict.fromkeys(TAGS, True)
         self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
-        # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP)
-        self.direct_experts = self.on_gpu and all(self.llm.collective_rpc(_has_direct_expert_targets))
+        # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP), and
+        # then which tensor-parallel slice of every expert this rank holds (the trainer exports only that)
+        shards = self.llm.collective_rpc(_direct_expert_shard) if self.on_gpu else [None]
+        self.expert_shard: ExpertShard | None = shards[0] if all(shards) else None
+        self.direct_experts = self.expert_shard is not None
 
     @classmethod
     def from_config(cls, model_dir, cfg: RolloutEngineConfig, dtype: str, seed: int) -> RolloutEngine:
@@ -156,8 +159,13 @@ def _generation(completion, moe_layers: list[int] | None) -> Generation:
                       routed_experts=routed)
 
 
-def _has_direct_expert_targets(worker) -> bool:
-    return bool(direct_targets(worker.model_runner.model))
+def _direct_expert_shard(worker) -> ExpertShard | None:
+    """This rank's share of the experts when they can be copied directly (`direct_targets`), else None."""
+    targets = direct_targets(worker.model_runner.model)
+    if not targets:
+        return None
+    parallel = next(iter(targets.values())).moe_config.moe_parallel_config
+    return ExpertShard(parallel.tp_rank, parallel.tp_size)
 
 
 def _copy_experts_in_worker(worker, named_tensors) -> None:
