@@ -58,9 +58,12 @@ def asked_to_confirm() -> Milestone:
 
 
 def refuse(reason: str, *before: SolutionTurn) -> dict[str, Any]:
-    """Task fields for a request that must be declined (after optional look-ups): nothing may change."""
-    return dict(solution=[*before, say(f"Sorry, {reason}")], unchanged=True, milestones=[said(*REFUSAL_WORDS)],
-                tags=[REFUSE_TAG])
+    """Task fields for a request that must be declined (after optional look-ups): nothing may change.
+    A decline that depends on the world (a sold-out item, a shipped order) must follow the look-ups that
+    show it, so a blanket refusal that happens to be right does not pass."""
+    lookups = [milestone(c.name, **c.args) for turn in before for c in turn.calls]
+    return dict(solution=[*before, say(f"Sorry, {reason}")], unchanged=True,
+                milestones=[*lookups, said(*REFUSAL_WORDS)], tags=[REFUSE_TAG])
 
 
 def off_topic(rng: random.Random, state: dict) -> dict[str, Any]:

@@ -28,8 +28,11 @@ def test_no_action_task_passes_without_a_tool_call(name, chat):
     nothing = run_baseline("nothing", chat, env_cls, tasks)
     for t in refusals + nothing:
         assert t.stats.tool_calls == 0 and t.stats.env_error is None and t.kind == kinds[t.task_id]
-    # blanket refusal passes exactly the refuse tasks, and each of its action episodes is a wrong refusal
-    assert [t.success for t in refusals] == [t.kind == "refuse" for t in refusals]
+    # blanket refusal passes exactly the refuse tasks whose decline needs no look-up (off-topic requests),
+    # and each of its action episodes is a wrong refusal
+    blind = {t.id: t.kind == "refuse" and not any(turn.calls for turn in t.solution) for t in tasks}
+    assert 0 < sum(blind.values()) < sum(k == "refuse" for k in kinds.values())
+    assert [t.success for t in refusals] == [blind[t.task_id] for t in refusals]
     assert all(t.wrong_refusal == (t.kind == "action") for t in refusals)
     # a neutral reply passes nothing: a refuse task needs the refusal, an action task the action
     passed = [(t.task_id, t.tags) for t in nothing if t.success]
@@ -64,3 +67,18 @@ def test_declined_cancellation_needs_the_question(chat):
 def test_a_milestone_has_exactly_one_kind():
     with pytest.raises(ValueError, match="exactly one of"):
         Milestone(say=["sorry"], ask=["proceed?"])
+
+
+def test_a_decline_that_depends_on_the_world_must_follow_the_look_up(chat):
+    """Shop: a sold-out item or a shipped order is declined after looking it up (the oracle); the same
+    words without the look-up are right by accident and fail."""
+    env_cls = load_env("shop")
+    grounded = [t for t in env_cls.tasks(200, seed=3) if t.kind == "refuse" and any(turn.calls for turn in t.solution)]
+    assert {"sold_out", "cancel_shipped"} <= {t.tags[0] for t in grounded}
+    oracle = run_baseline("oracle", chat, env_cls, grounded)
+    assert all(t.success for t in oracle)
+    refusals = run_baseline("refuse", chat, env_cls, grounded)
+    assert not any(t.success for t in refusals)
+    for t in refusals:  # the decline itself was right, the look-up was missing
+        said = {label: hit for label, hit in t.result.milestones.items() if label.startswith("say:")}
+        assert list(said.values()) == [True] and not all(t.result.milestones.values())

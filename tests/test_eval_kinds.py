@@ -54,7 +54,12 @@ def test_baseline_episodes_keep_their_kind(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", "--env", "shop", "--baseline", "refuse", "--tokenizer", str(tiny_model_dir), "--tasks", "40",
                  "--out", str(out), "--summary", str(summary_path), "--quiet"]) == 0
     ran = json.loads(summary_path.read_text())["refuse"]
-    assert ran["success_action"] == 0.0 and ran["success_refuse"] == 1.0 and ran["wrong_refusal"] == 1.0
+    assert ran["success_action"] == 0.0 and ran["wrong_refusal"] == 1.0
+    # it declines off-topic requests rightly; a sold-out item or shipped order needs a look-up first
+    episodes = [json.loads(line) for line in out.read_text().splitlines()]
+    refused = [e for e in episodes if "refuse" in e["tags"]]
+    assert {e["tags"][0] for e in refused} == {"off_topic", "sold_out", "cancel_shipped"}
+    assert all(e["result"]["success"] == (e["tags"][0] == "off_topic") for e in refused)
     assert main(["eval", "--episodes", str(out), "--summary", str(summary_path)]) == 0
     reread = json.loads(summary_path.read_text())["refuse"]
     assert {k: reread[k] for k in ran} == ran

@@ -89,7 +89,7 @@ class Environment:
         self.task = task
         self.state = self.initial_state(task)
         self.start_state = copy.deepcopy(self.state)
-        self.calls: list[tuple[str, dict]] = []  # successful calls, for milestones
+        self.calls: list[tuple[str, dict]] = []  # calls the tools answered (ToolError too), for milestones
         self.replies: list[str] = []  # the assistant's messages to the user, in order
         return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": self.user.reset(task)}]
 
@@ -129,12 +129,12 @@ class Environment:
         if status == "timeout":
             result.errors["tool_timeout"] += 1
             return f"Error: {call.name} timed out after {self.tool_timeout_s:g}s"
-        if isinstance(outcome, ToolError):
-            return f"Error: {outcome}"
-        if status == "raised":
+        if status == "raised" and not isinstance(outcome, ToolError):
             result.errors["tool_exception"] += 1
             return f"Error: {call.name} failed: {type(outcome).__name__}: {outcome}"
         self.calls.append((call.name, kwargs))
+        if isinstance(outcome, ToolError):  # an expected failure answers the call: a look-up that finds nothing
+            return f"Error: {outcome}"
         return outcome if isinstance(outcome, str) else json.dumps(outcome, ensure_ascii=False, default=str)
 
     def check(self) -> CheckResult:
