@@ -216,13 +216,13 @@ class Worker:
 def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) -> tuple[int, float]:
     """Stream the trainer's weights into vLLM (buckets from the trainer, cast to vLLM's dtype on the
     way out, one in-place reload in vLLM); where vLLM can take them directly, the routed experts follow
-    in a second pass of straight copies (k2rl.engines.expert_copy), of which the trainer exports only
-    this engine rank's slice. Returns (bytes moved, seconds)."""
+    as straight copies from the trainer's fused stacks, each engine rank its own block, cast on the way
+    (k2rl.engines.expert_copy). Returns (bytes written into vLLM, seconds)."""
     moved = 0
 
-    def stream(select=None, shard=None):
+    def stream(select=None):
         nonlocal moved
-        for bucket in train.export_weights(bucket_bytes, rollout.dtype, select, shard):
+        for bucket in train.export_weights(bucket_bytes, rollout.dtype, select):
             for name, tensor in bucket:
                 moved += tensor.numel() * tensor.element_size()
                 yield name, tensor
@@ -230,7 +230,7 @@ def sync_weights(train: TrainEngine, rollout: RolloutEngine, bucket_bytes: int) 
     start = time.perf_counter()
     if rollout.direct_experts:
         rollout.load_weights(stream(lambda name: not is_routed_expert(name)))
-        rollout.load_experts(stream(is_routed_expert, rollout.expert_shard))
+        moved += rollout.load_experts(train.expert_stacks())
     else:
         rollout.load_weights(stream())
     return moved, time.perf_counter() - start

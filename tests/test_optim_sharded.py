@@ -18,6 +18,7 @@ from test_train_engine import nll_loss
 
 from k2rl.config import JobConfig
 from k2rl.engines.train import TokenBatch, TrainEngine
+from k2rl.model.modeling import to_checkpoint_names
 from k2rl.optim import apply_qk_clip
 
 STEPS, SEQS_PER_RANK, SEQ_LEN = 3, 2, 16
@@ -66,6 +67,9 @@ def _rank_main(rank, world, port, model_dir, out_dir, stages):
                    for s in range(STEPS)]
         result = dict(factors=factors, clipped=clipped, weights=_weights(engine),
                       state_bytes=state_bytes(engine.client_optimizer))
+        # The fused stacks a direct expert copy reads (ZeRO-3: gathered one at a time) are the experts
+        stacks = dict(to_checkpoint_names((n, t.clone()) for n, t in engine.expert_stacks()))
+        assert stacks and all(torch.equal(t, result["weights"][n]) for n, t in stacks.items()), f"ZeRO {stage}"
         engine.save_checkpoint(f"{out_dir}/ckpt{stage}")
         engine.offload()
         engine.reload()

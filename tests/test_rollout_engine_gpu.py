@@ -4,8 +4,7 @@ CUDA graphs."""
 import pytest
 import torch
 
-from k2rl.engines.expert_copy import EXPERT
-from k2rl.engines.types import ExpertShard, SamplingConfig
+from k2rl.engines.types import SamplingConfig, is_routed_expert
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights
 
@@ -24,13 +23,14 @@ def generate(engine):
 
 
 def reload(engine, model):
-    """As the worker syncs: everything but the routed experts through vLLM's reload, then the experts
-    copied straight into vLLM's fused tensors (k2rl.engines.expert_copy)."""
+    """As the worker syncs: everything but the routed experts through vLLM's reload, then the fp32
+    fused expert stacks copied (and cast) straight into vLLM's fused tensors (k2rl.engines.expert_copy)."""
     engine.sleep()
     engine.wake(("weights",))
     named = [(n, t.to("cuda", torch.bfloat16)) for n, t in export_weights(model)]
-    engine.load_weights((n, t) for n, t in named if not EXPERT.match(n))
-    engine.load_experts((n, t) for n, t in named if EXPERT.match(n))
+    engine.load_weights((n, t) for n, t in named if not is_routed_expert(n))
+    stacks = [(n, p.detach().to("cuda")) for n, p in model.named_parameters() if is_routed_expert(n)]
+    assert engine.load_experts(stacks) == sum(t.numel() * 2 for _, t in stacks)  # all of them (TP 1), in bf16
     engine.wake(("kv_cache",))
 
 
@@ -43,7 +43,6 @@ def test_sleep_frees_memory_and_reload_is_exact(gpu_model_dir, enforce_eager):
                            enforce_eager=enforce_eager)
     awake = used_gib()
     assert engine.direct_experts  # unquantized experts without EP on a GPU: straight copies
-    assert engine.expert_shard == ExpertShard(0, 1)  # the trainer exports this rank's slice (here: all)
     first = generate(engine)
     engine.sleep()
     asleep = used_gib()

@@ -1,15 +1,17 @@
 """TrainEngine on real DeepSpeed (CPU, gloo, a world of one): logprobs, a step, export, checkpoints."""
+import re
+
 import pytest
 import torch
 
 from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.train import TrainEngine, lr_multiplier
-from k2rl.engines.expert_copy import EXPERT
-from k2rl.engines.types import ROUTED_EXPERTS, ExpertShard, TokenBatch, add_routing, is_routed_expert
+from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, add_routing, is_routed_expert
 from k2rl.model.checkpoint import load_model
-from k2rl.model.modeling import export_weights
+from k2rl.model.modeling import export_weights, to_checkpoint_names
 from k2rl.model.routing import own_routing
 
+EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")  # one expert's matrix, checkpoint name
 SEQS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27]]
 
 
@@ -67,7 +69,7 @@ def test_export_selects_parameters_by_name(engine):
     experts = {n for bucket in engine.export_weights(200_000, select=is_routed_expert) for n, _ in bucket}
     rest = {n for bucket in engine.export_weights(200_000, select=lambda n: not is_routed_expert(n)) for n, _ in bucket}
     assert experts and rest and experts.isdisjoint(rest) and experts | rest == full
-    assert all(EXPERT.match(n) for n in experts) and not any(EXPERT.match(n) for n in rest)
+    assert all(EXPERT.search(n) for n in experts) and not any(EXPERT.search(n) for n in rest)
 
 
 def test_export_in_rollout_dtype_casts_each_bucket_into_one_buffer(engine, tiny_model_dir):
@@ -90,32 +92,18 @@ def test_export_in_rollout_dtype_casts_each_bucket_into_one_buffer(engine, tiny_
         assert nbytes <= max(bucket_bytes, largest)
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_export_of_an_expert_shard_is_each_experts_slice(engine, rank):
-    """What a rank of a TP-2 vLLM engine gets: its inter block of every routed expert (gate/up rows,
-    down columns), cast from the slice alone; the rest whole; expert buckets packed by the sliced bytes."""
-    def export(bucket_bytes, **kwargs):
-        return list(engine.export_weights(bucket_bytes, torch.bfloat16, **kwargs))
-
-    def expert_bytes(named):
-        return sum(t.numel() * t.element_size() for n, t in named.items() if EXPERT.match(n))
-
-    whole = {n: t for bucket in export(100_000) for n, t in bucket}
-    got = {n: t for bucket in export(100_000, shard=ExpertShard(rank, 2)) for n, t in bucket}
-    assert got.keys() == whole.keys()
-    for name, tensor in got.items():
-        expected = whole[name]
-        if EXPERT.match(name):
-            dim = 1 if name.endswith("down_proj.weight") else 0
-            half = expected.shape[dim] // 2
-            expected = expected.narrow(dim, rank * half, half)
-        assert tensor.shape == expected.shape and torch.equal(tensor, expected), name
-    assert expert_bytes(got) * 2 == expert_bytes(whole) > 0
-
-    bucket_bytes = 300_000  # bf16 k2-tiny per MoE layer: gate_up 262 kB, down 131 kB; halved, the two fit in one
-    sharded = export(bucket_bytes, select=is_routed_expert, shard=ExpertShard(rank, 2))
-    assert len(sharded) < len(export(bucket_bytes, select=is_routed_expert))
-    assert all(sum(t.numel() * t.element_size() for _, t in bucket) <= bucket_bytes for bucket in sharded)
+def test_expert_stacks_are_the_live_fused_experts(engine):
+    """What a direct expert copy into vLLM reads: each MoE layer's two fused stacks as views of the
+    trainer's own weights (no copy, no cast), together exactly the routed experts the export names."""
+    stacks = dict(engine.expert_stacks())
+    live = dict(engine.model.named_parameters())
+    assert stacks and {n.rsplit(".", 1)[1] for n in stacks} == {"gate_up_proj", "down_proj"}
+    for name, stack in stacks.items():
+        assert stack.data_ptr() == live[name].data_ptr() and stack.dtype == live[name].dtype == torch.float32
+    exported = {n: t for bucket in engine.export_weights(1 << 30, select=is_routed_expert) for n, t in bucket}
+    per_expert = dict(to_checkpoint_names(stacks.items()))
+    assert per_expert.keys() == exported.keys()
+    assert all(torch.equal(t, exported[n]) for n, t in per_expert.items())
 
 
 def test_train_step_learns_and_checkpoint_round_trips(engine, tmp_path):

@@ -1,12 +1,16 @@
-"""Routed experts copied straight into vLLM's fused expert tensors, past vLLM's per-tensor loaders.
+"""Routed experts copied straight from the trainer's fused stacks into vLLM's fused expert tensors,
+past vLLM's per-tensor loaders and without an export buffer.
 
 Why: vLLM's in-place reload sends every checkpoint tensor through its layerwise-reload wrapper and the
 model's name matching, a fraction of a millisecond of Python per tensor (measured on the CPU: ~0.5 ms
-per loader call). Routed experts are most of those tensors: 3 per expert per MoE layer, 2,112 per sync
-for k2-mini, ~69,000 for K2. On a GPU vLLM's unquantized fused-MoE kernel reads `w13_weight`
-[experts, 2 x inter, hidden] (gate rows, then up rows) and `w2_weight` [experts, hidden, inter] in the
-checkpoint's own layout, so each expert is three slice copies of this tensor-parallel rank's share
-(sent whole, or already narrowed to that share by the trainer).
+per loader call), and routed experts are most of those tensors (3 per expert per MoE layer: 2,112 per
+sync for k2-mini, ~69,000 for K2). But the trainer already holds each MoE layer's experts as two fused
+stacks, `gate_up_proj` [E, 2I, H] (gate rows, then up rows) and `down_proj` [E, H, I], and vLLM's
+unquantized fused-MoE kernel reads `w13_weight` [E, 2 x I/T, H] and `w2_weight` [E, H, I/T] in the same
+layout, cut to tensor-parallel rank r's block of I. So a layer is three strided copies of the rank's
+share, each casting on the way (fp32 master -> bf16): no per-expert Python, no intermediate bytes.
+The engine runs in the worker's own process (vLLM's in-process executors), so the stacks are the
+trainer's live tensors.
 
 Runs inside vLLM's worker (collective_rpc). Layers whose layout vLLM transforms keep vLLM's loader:
 on the CPU (experts are pre-packed for the CPU kernel), quantized experts, expert parallelism.
@@ -20,14 +24,12 @@ from contextlib import contextmanager
 
 import torch
 
-from k2rl.engines.types import ExpertShard
-
-EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+STACK = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
 
 
 def direct_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Checkpoint prefix (`model.layers.N.mlp.experts`) -> vLLM's expert module, for every MoE layer,
-    or {} when any layer's layout is not the checkpoint's (see module doc)."""
+    """Trainer prefix (`model.layers.N.mlp.experts`) -> vLLM's expert module, for every MoE layer, or
+    {} when any layer's layout is not the trainer's (see module doc)."""
     if not torch.cuda.is_available():
         return {}
     targets = {}
@@ -40,38 +42,39 @@ def direct_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return targets
 
 
-def copy_experts(targets: dict[str, torch.nn.Module], named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Copy each (checkpoint name, expert matrix) into its module's slice for this rank; returns the
-    number of tensors copied. A matrix is either whole or already this rank's slice (the trainer's
-    `ExpertShard` export). A name or shape that does not fit is an error, not a silent skip."""
-    count = 0
-    for name, weight in named_tensors:
-        match = EXPERT.match(name)
+def copy_experts(targets: dict[str, torch.nn.Module], stacks: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Copy this rank's block of each (trainer name, whole fused stack) into its vLLM module, cast to
+    vLLM's dtype; returns the bytes written. A name or shape that does not fit is an error, not a skip."""
+    written = 0
+    for name, stack in stacks:
+        match = STACK.match(name)
         if match is None or match.group(1) not in targets:
-            raise ValueError(f"{name}: not a routed expert of this vLLM model")
-        module, expert, proj = targets[match.group(1)], int(match.group(2)), match.group(3)
-        part = _rank_slice(name, weight, module)
-        if proj == "down_proj":
-            module.w2_weight[expert].copy_(part)
+            raise ValueError(f"{name}: not a routed-expert stack of this vLLM model")
+        module = targets[match.group(1)]
+        parallel = module.moe_config.moe_parallel_config
+        inter = module.w2_weight.shape[2]  # this rank's block of the intermediate dimension
+        block = slice(parallel.tp_rank * inter, (parallel.tp_rank + 1) * inter)
+        if match.group(2) == "down_proj":
+            pairs = [(module.w2_weight, _inter_block(name, stack, 2, block, inter * parallel.tp_size))]
         else:
-            inter = part.shape[0]
-            half = 0 if proj == "gate_proj" else inter
-            module.w13_weight[expert, half:half + inter].copy_(part)
-        count += 1
-    return count
+            whole = inter * parallel.tp_size
+            gate, up = stack[:, :whole], stack[:, whole:]
+            pairs = [(module.w13_weight[:, :inter], _inter_block(name, gate, 1, block, whole)),
+                     (module.w13_weight[:, inter:], _inter_block(name, up, 1, block, whole))]
+        for target, source in pairs:
+            if source.shape != target.shape:
+                raise ValueError(f"{name}: this rank's block is {tuple(source.shape)}, vLLM holds {tuple(target.shape)}")
+            target.copy_(source)
+            written += target.numel() * target.element_size()
+    return written
 
 
-def _rank_slice(name: str, weight: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """`weight` as this rank holds it: as sent when it is already the rank's slice, else narrowed."""
-    parallel = module.moe_config.moe_parallel_config
-    inter = module.w2_weight.shape[2]
-    size = weight.shape[ExpertShard.inter_dim(name)]
-    if size == inter:
-        return weight
-    if size != inter * parallel.tp_size:
-        raise ValueError(f"{name}: inter size {size}, vLLM holds {inter} per rank of {inter * parallel.tp_size} "
+def _inter_block(name: str, stack: torch.Tensor, dim: int, block: slice, whole: int) -> torch.Tensor:
+    """`stack`'s rows/columns `block` along the intermediate dimension `dim`, which must be `whole` long."""
+    if stack.shape[dim] != whole:
+        raise ValueError(f"{name}: intermediate size {stack.shape[dim]}, vLLM holds {whole} in all "
                          "(padded experts take vLLM's loader)")
-    return ExpertShard(parallel.tp_rank, parallel.tp_size).narrow(name, weight)
+    return stack.narrow(dim, block.start, block.stop - block.start)
 
 
 @contextmanager

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from k2rl.engines.expert_copy import copy_experts, direct_targets, experts_left_out_of_reload
-from k2rl.engines.types import ExpertShard, Generation, SamplingConfig
+from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.routing import moe_layer_ids
 
 if TYPE_CHECKING:
@@ -80,11 +80,8 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.awake = dict.fromkeys(TAGS, True)
         self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
-        # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP), and
-        # then which tensor-parallel slice of every expert this rank holds (the trainer exports only that)
-        shards = self.llm.collective_rpc(_direct_expert_shard) if self.on_gpu else [None]
-        self.expert_shard: ExpertShard | None = shards[0] if all(shards) else None
-        self.direct_experts = self.expert_shard is not None
+        # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP)
+        self.direct_experts = self.on_gpu and all(self.llm.collective_rpc(_can_copy_experts))
 
     @classmethod
     def from_config(cls, model_dir, cfg: RolloutEngineConfig, dtype: str, seed: int) -> RolloutEngine:
@@ -129,15 +126,16 @@ class RolloutEngine:
             self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
         self.llm.reset_prefix_cache()
 
-    def load_experts(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Routed experts only (checkpoint names), copied straight into vLLM's fused expert tensors
-        (k2rl.engines.expert_copy); only where `direct_experts`, right after `load_weights` of the rest."""
+    def load_experts(self, stacks: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """The routed experts as the trainer's fused stacks (trainer names), this rank's block of each
+        copied straight into vLLM's fused expert tensors (k2rl.engines.expert_copy); only where
+        `direct_experts`, right after `load_weights` of the rest. Returns the bytes written."""
         self._require_awake("load_experts", ("weights",))
         if not self.direct_experts:
             raise RuntimeError("this engine's experts take vLLM's loader: send them through load_weights")
         # No prefix-cache reset here: load_weights just did one (nothing ran since), and on k2-mini each
         # reset walks ~400k KV blocks (78 ms on the H200, a third of the whole sync).
-        self.llm.collective_rpc(_copy_experts_in_worker, args=(iter(named_tensors),))
+        return sum(self.llm.collective_rpc(_copy_experts_in_worker, args=(iter(stacks),)))
 
     def holds_device_memory(self) -> dict[str, bool]:
         """What this engine holds on the accelerator (always False on the CPU)."""
@@ -159,17 +157,12 @@ def _generation(completion, moe_layers: list[int] | None) -> Generation:
                       routed_experts=routed)
 
 
-def _direct_expert_shard(worker) -> ExpertShard | None:
-    """This rank's share of the experts when they can be copied directly (`direct_targets`), else None."""
-    targets = direct_targets(worker.model_runner.model)
-    if not targets:
-        return None
-    parallel = next(iter(targets.values())).moe_config.moe_parallel_config
-    return ExpertShard(parallel.tp_rank, parallel.tp_size)
+def _can_copy_experts(worker) -> bool:
+    return bool(direct_targets(worker.model_runner.model))
 
 
-def _copy_experts_in_worker(worker, named_tensors) -> None:
-    copy_experts(direct_targets(worker.model_runner.model), named_tensors)
+def _copy_experts_in_worker(worker, stacks) -> int:
+    return copy_experts(direct_targets(worker.model_runner.model), stacks)
 
 
 def _reload_in_worker(worker, named_tensors) -> None:

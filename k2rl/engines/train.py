@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.offload import PinnedOffloader
-from k2rl.engines.types import ROUTED_EXPERTS, ExpertShard, TokenBatch, concat_batches, is_routed_expert
+from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, concat_batches, is_routed_expert
 from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.experts import set_experts_implementation
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
@@ -254,15 +254,10 @@ class TrainEngine:
 
     # ---- weights out -----------------------------------------------------------------------------
     def export_weights(self, bucket_bytes: int, dtype: torch.dtype | None = None,
-                       select: Callable[[str], bool] | None = None,
-                       shard: ExpertShard | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                       select: Callable[[str], bool] | None = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Buckets of full tensors in checkpoint names, in `dtype` (the rollout's; None: as trained);
         ZeRO-3 gathers one bucket's parameters at a time. `select` keeps the trainer's parameters whose
-        name it accepts (the same on every rank). With `shard`, each routed expert is only that
-        tensor-parallel rank's slice (`ExpertShard.narrow`), narrowed before the cast: for a rank of a
-        TP-T vLLM engine that copies its experts directly, the cast and the bucket bytes of the experts
-        (98.5% of K2) are 1/T. Under ZeRO-3 the gather still brings whole parameters (DeepSpeed gathers
-        whole tensors); only the cast is of the slice.
+        name it accepts (the same on every rank).
 
         All ranks must iterate to the end together (the ZeRO-3 gathers are collective). In the weights'
         own dtype a bucket's tensors are views of the live weights (ZeRO-3: copies, valid after the next
@@ -271,10 +266,8 @@ class TrainEngine:
         moves half the bytes and holds about one bucket beyond the weights. The router's correction
         bias stays in the trainer's precision: vLLM keeps it in fp32.
         """
-        for group in self._param_groups(bucket_bytes, dtype, select, shard):
+        for group in self._param_groups(bucket_bytes, dtype, select):
             named = to_checkpoint_names(group)  # lazy: read in _bucket, under the ZeRO-3 gather
-            if shard is not None:
-                named = ((n, shard.narrow(n, t) if is_routed_expert(n) else t) for n, t in named)
             if self.zero3:
                 import deepspeed
 
@@ -284,8 +277,8 @@ class TrainEngine:
             else:
                 yield _bucket(named, dtype, always_copy=False)
 
-    def _param_groups(self, bucket_bytes: int, dtype: torch.dtype | None, select: Callable[[str], bool] | None,
-                      shard: ExpertShard | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def _param_groups(self, bucket_bytes: int, dtype: torch.dtype | None,
+                      select: Callable[[str], bool] | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """The trainer's tensors in groups of at most `bucket_bytes` once exported (a larger one alone)."""
         group, size = [], 0
         for name, tensor in trainable_state(self.model):
@@ -293,8 +286,6 @@ class TrainEngine:
                 continue
             numel = tensor.ds_numel if hasattr(tensor, "ds_numel") else tensor.numel()
             nbytes = numel * _export_dtype(name, tensor, dtype).itemsize
-            if shard is not None and is_routed_expert(name):
-                nbytes //= shard.size
             if group and size + nbytes > bucket_bytes:
                 yield group
                 group, size = [], 0
@@ -302,6 +293,23 @@ class TrainEngine:
             size += nbytes
         if group:
             yield group
+
+    def expert_stacks(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The routed experts as the trainer holds them, one fused stack per projection and MoE layer
+        (`...mlp.experts.gate_up_proj` [E, 2I, H], `...down_proj` [E, H, I]): views of the live weights
+        in their own dtype, for a rollout engine that copies (and casts) its share of each straight
+        into its own tensors (k2rl.engines.expert_copy). Under ZeRO-3 each is gathered whole while the
+        consumer holds it; all ranks must iterate to the end together."""
+        for name, param in self.model.named_parameters():
+            if not is_routed_expert(name):
+                continue
+            if self.zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name, param.detach()
+            else:
+                yield name, param.detach()
 
     # ---- offload ---------------------------------------------------------------------------------
     def offload(self) -> None:

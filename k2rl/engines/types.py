@@ -9,8 +9,6 @@ tensors of the same length (`loss_mask`, and any `token_data` such as old logpro
 and per-sequence values (`seq_data`, e.g. rewards). Entry t of anything per token belongs to token t.
 `token_data[ROUTED_EXPERTS]`, when present, is [T_i, moe_layers, top_k] expert ids (-1: not routed by
 vLLM) that the trainer replays (k2rl.model.routing).
-
-`ExpertShard` is what the trainer exports of each routed expert for one tensor-parallel vLLM rank.
 """
 from __future__ import annotations
 
@@ -24,29 +22,6 @@ ROUTED_EXPERTS = "routed_experts"
 def is_routed_expert(name: str) -> bool:
     """A routed expert's weight, in the trainer's names (fused per layer) or in checkpoint names."""
     return ".mlp.experts." in name
-
-
-@dataclass(frozen=True)
-class ExpertShard:
-    """Tensor-parallel rank `rank` of `size`: vLLM (without expert parallelism) holds block `rank` of
-    `size` equal blocks of every routed expert's intermediate dimension."""
-    rank: int
-    size: int
-
-    @staticmethod
-    def inter_dim(name: str) -> int:
-        """The intermediate dimension of a routed expert in checkpoint layout: gate_proj and up_proj
-        are [inter, hidden] (rows), down_proj is [hidden, inter] (columns)."""
-        return 1 if name.endswith("down_proj.weight") else 0
-
-    def narrow(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """This rank's block of the whole expert matrix `weight` (checkpoint name `name`), as a view."""
-        dim = self.inter_dim(name)
-        whole = weight.shape[dim]
-        if whole % self.size:
-            raise ValueError(f"{name}: inter size {whole} does not split into {self.size} equal shards")
-        part = whole // self.size
-        return weight.narrow(dim, self.rank * part, part)
 
 
 @dataclass
