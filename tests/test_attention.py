@@ -1,6 +1,6 @@
 """The max-logit recorder (k2rl.model.attention): its chunked causal pass equals the max over the full
 score matrix, and the model with it matches transformers' eager attention in outputs, gradients and
-maxima (the eager softmax inputs), with and without padding."""
+maxima (the eager softmax inputs of the real tokens' rows), with and without padding."""
 import pytest
 import torch
 
@@ -38,16 +38,22 @@ def test_causal_pass_equals_full_scores(monkeypatch, chunk_bytes, q_len, k_len):
     assert want.max() < 50 * HEAD_DIM * 0.1 / 4  # the planted logit stayed out
 
 
-def test_padding_mask_is_respected(monkeypatch):
+@pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
+def test_padding_keys_and_padding_rows_stay_out(monkeypatch, additive):
     monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", 64 << 10)
     query, key = _qk(300, 300)
     lengths = torch.tensor([300, 180])
-    key[1, :, 200] = 50 * query[1, :, 250]  # a padding key that a padded query row would love
+    query[1, :, 250] = 50 * key[1, :, 20]  # a padding row (its own key masked) that loves a real key it sees
+    query[1, :, 260] = 50 * key[1, :, 270]  # and one that loves a padding key
     causal = torch.ones(300, 300, dtype=torch.bool).tril()
-    allowed = (causal & (torch.arange(300) < lengths[:, None])[:, None, :])[:, None]  # [B, 1, q, k]
-    want = _full_scores_max(query, key, allowed, 0.1)
-    torch.testing.assert_close(causal_head_max(query, key, allowed, 0.1), want)
-    assert not torch.equal(want, _full_scores_max(query, key, causal, 0.1))  # the padding mattered
+    real = torch.arange(300) < lengths[:, None]  # [B, positions]
+    mask = (causal & real[:, None, :])[:, None]  # [B, 1, q, k]: what sdpa_mask builds, pad rows see real keys
+    want = _full_scores_max(query, key, mask & real[:, None, :, None], 0.1)
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(causal_head_max(query, key, mask, 0.1), want)
+    assert want.max() < 50 * HEAD_DIM * 0.1 / 4  # neither planted logit got in
+    assert _full_scores_max(query, key, causal, 0.1).max() > 50 * HEAD_DIM * 0.1 / 4  # causal alone lets them in
 
 
 def _forward_backward(model, ids, mask):
@@ -75,8 +81,9 @@ def test_model_matches_eager_attention(tiny_model_dir, monkeypatch, padded):
     real_softmax = torch.nn.functional.softmax
 
     def spy(x, *args, **kwargs):
-        if x.dim() == 4:
-            softmax_inputs.append(x.detach().amax(dim=(0, 2, 3)))
+        if x.dim() == 4:  # the eager scores, less the padding positions' own rows
+            rows = mask.bool()[:, None, :, None]
+            softmax_inputs.append(x.detach().masked_fill(~rows, float("-inf")).amax(dim=(0, 2, 3)))
         return real_softmax(x, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "softmax", spy)

@@ -9,7 +9,9 @@ QK-Clip compares them with tau.
 
 Recording happens only in training mode (train steps: QK-Clip and the attn/max_logit metric); eval
 and logprob passes run plain SDPA. The model is a causal decoder: the pass assumes every mask it gets
-is causal (as `sdpa_mask` builds it), with padding on top.
+is causal (as `sdpa_mask` builds it), with padding on top. Rows of padding positions are left out of
+the max (recognised as rows whose own key is masked): their queries are of pad tokens, which no loss
+reads, yet they see the real keys before them; QK-Clip should answer to the batch's tokens only.
 
 On the CPU, SDPA with MLA's value head (v_head_dim) narrower than the query's runs its math kernel:
 the whole [B, H, L, L] score and probability matrices, kept for backward, and a "safe" softmax of
@@ -65,10 +67,11 @@ def causal_head_max(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
                 cols = torch.arange(seen, device=query.device)
                 row_ends = torch.arange(start, stop, device=query.device)[:, None] + offset
                 scores.masked_fill_(cols > row_ends, float("-inf"))
-            elif attention_mask.dtype == torch.bool:
-                scores.masked_fill_(~attention_mask[..., start:stop, :seen], float("-inf"))
             else:
-                scores += attention_mask[..., start:stop, :seen].float()
+                block = attention_mask[..., start:stop, :seen]
+                allowed = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min
+                own = allowed.diagonal(offset=start + offset, dim1=-2, dim2=-1)  # each row's own position
+                scores.masked_fill_(~(allowed & own[..., None]), float("-inf"))
             best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
     return best
 
