@@ -7,7 +7,8 @@ by task kind, beside the model-free baselines on the same tasks.
     python scripts/demo.py --resume   # after an interruption: finished stages kept, the other continued
 
 Runs land in OUT/demo-sft-sSEED and OUT/demo-rl-sSEED (metrics.jsonl, plots/, rollouts/ with the
-held-out dialogs as eval_step_N.jsonl, checkpoints/); the summary table goes to OUT/demo-sSEED.json.
+held-out dialogs as eval_step_N.jsonl, checkpoints/); the summary table and the per-task-type counts
+go to OUT/demo-sSEED.json.
 """
 import argparse
 import json
@@ -73,6 +74,30 @@ def print_table(table: dict[str, dict[str, float]], tasks: int) -> None:
         print(f"{label:32}" + "".join(fmt(v) if v is not None else f"{'-':>18}" for v in cells))
 
 
+def by_task_type(episodes_file: Path) -> dict[str, list[int]]:
+    """Task type (a task's first tag) -> [solved, tasks, wrong refusals] in one held-out eval's dialogs."""
+    counts: dict[str, list[int]] = {}
+    for line in episodes_file.read_text().splitlines():
+        episode = json.loads(line)
+        row = counts.setdefault(episode["tags"][0] if episode["tags"] else "-", [0, 0, 0])
+        row[0] += bool(episode["success"])
+        row[1] += 1
+        row[2] += bool(episode["wrong_refusal"])
+    return dict(sorted(counts.items()))
+
+
+def print_task_types(run: Path) -> dict[str, dict[str, list[int]]]:
+    """Solved / tasks per task type at the SFT start and after RL (wrong refusals in brackets): where the
+    overall figures come from, and what a trivial policy would also get."""
+    evals = sorted((run / "rollouts").glob("eval_step_*.jsonl"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    start, end = by_task_type(evals[0]), by_task_type(evals[-1])
+    print(f"\nper task type, solved / tasks (wrong refusals): {evals[0].stem} -> {evals[-1].stem}")
+    for kind in start:
+        (s, n, w), (e, _, v) = start[kind], end.get(kind, [0, 0, 0])
+        print(f"  {kind:16} {s:3d}/{n:<3d} ({w:2d})  ->  {e:3d}/{n:<3d} ({v:2d})")
+    return {"SFT start": start, "after RL": end}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0, help="model init and sampling seed (the tasks stay the same)")
@@ -106,8 +131,10 @@ def main() -> None:
     metrics = [json.loads(line) for line in (Path(args.out) / rl / "metrics.jsonl").read_text().splitlines()]
     table = columns(metrics)
     print_table(table, args.eval_tasks)
+    task_types = print_task_types(Path(args.out) / rl)
     minutes = (time.time() - start) / 60
-    summary = {"seed": args.seed, "minutes": round(minutes, 1), "eval_tasks": args.eval_tasks, "table": table}
+    summary = {"seed": args.seed, "minutes": round(minutes, 1), "eval_tasks": args.eval_tasks, "table": table,
+               "task_types": task_types}
     (Path(args.out) / f"demo-s{args.seed}.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\ndemo took {minutes:.1f} min; plots in {Path(args.out) / rl / 'plots'}; held-out dialogs in "
           f"{Path(args.out) / rl / 'rollouts'}/eval_step_*.jsonl")
