@@ -173,10 +173,13 @@ def _cancelled(state, oid, order):
 
 
 def cancel_shipped(rng, state):
+    """Worded as `cancel`, so the user's words cannot tell the two apart: the reference tries `cancel`
+    as there, and declines on what the tool answers (only placed orders cancel; nothing changes). A
+    look-up first here but not there would teach two procedures for one request."""
     st = rng.choice(["shipped", "delivered"])
     oid, _ = _with_status(rng, state, st)
     return dict(goal=f"Please cancel order {oid}.",
-                **refuse(f"order {oid} is {st}, so it can't be cancelled.", calls(call("order", id=oid))))
+                **refuse(f"order {oid} is {st}, so it can't be cancelled.", calls(call("cancel", id=oid))))
 
 
 def refund(rng, state):

@@ -86,6 +86,9 @@ class OptimizerConfig(Section):
     ns_steps: int = Field(5, ge=1)
     ns_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="Newton-Schulz precision: fp16 is as fast as bf16 and 8x finer (inputs are normalized)")
+    zero_bucket_numel: int = Field(
+        1 << 28, ge=1, description="MuonClip under ZeRO 1-3: the most parameter elements whose update every rank "
+        "gathers whole at once for Newton-Schulz (fp32, plus the NS copy); a larger matrix stack goes alone")
     qk_clip: bool = True
     qk_clip_tau: float = Field(100.0, gt=0, description="QK-Clip threshold on each head's max pre-softmax logit (K2: 100)")
     warmup_steps: int = Field(0, ge=0)

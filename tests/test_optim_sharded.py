@@ -3,7 +3,8 @@ two and four CPU ranks (gloo) against ZeRO 0 in the same processes, on k2-tiny.
 
 Each rank trains the same data shard under every stage; afterwards the weights must match ZeRO 0
 (fp tolerance: only the order of the gradient sums differs), be identical on every rank, and each
-rank's optimizer state must be ~1/N of ZeRO 0's. QK-Clip must scale the same rows by the same
+rank's optimizer state must be ~1/N of ZeRO 0's (the updates gathered whole a bucket of matrices at a
+time, several buckets here). QK-Clip must scale the same rows by the same
 factors, and keep doing so on the master partitions (else the next step would undo it and the
 weights would drift from ZeRO 0). A checkpoint round trip (with an offload/reload in between) must
 restore the sharded momentum: the step after loading equals the step after saving.
@@ -23,7 +24,8 @@ from k2rl.optim import apply_qk_clip
 
 STEPS, SEQS_PER_RANK, SEQ_LEN = 3, 2, 16
 # fp32 NS, so the stages differ by rounding only; tau well under the max logits of k2-tiny on random tokens.
-OPTIMIZER = dict(name="muonclip", lr=2e-3, ns_dtype="float32", qk_clip_tau=0.05)
+BUCKET_NUMEL = 300_000  # k2-tiny's Muon matrices: 1.3 M elements, the largest stacks 131 k: several buckets
+OPTIMIZER = dict(name="muonclip", lr=2e-3, ns_dtype="float32", qk_clip_tau=0.05, zero_bucket_numel=BUCKET_NUMEL)
 QK_ROWS = ("self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight")
 
 
@@ -62,6 +64,12 @@ def _rank_main(rank, world, port, model_dir, out_dir, stages):
     for stage in stages:
         engine = TrainEngine(model_dir, JobConfig(optimizer=OPTIMIZER, train={"zero_stage": stage}))
         vocab = engine.model.config.vocab_size
+        for _, layout in engine.client_optimizer.partitions.values():  # ZeRO 1-3: whole matrices a bucket at a time
+            runs = [[layout.shapes[i].numel() for i in run] for run in layout.buckets(BUCKET_NUMEL)]
+            assert sorted(i for run in layout.buckets(BUCKET_NUMEL) for i in run) == list(range(len(layout.shapes)))
+            assert all(sum(run) <= BUCKET_NUMEL or len(run) == 1 for run in runs)
+        if stage:
+            assert max(len(layout.buckets(BUCKET_NUMEL)) for _, layout in engine.client_optimizer.partitions.values()) > 1
         factors = _clip_factors(engine, _batch(world, 100, vocab).shard(rank, world))
         clipped = [engine.train_step(_batch(world, s, vocab).shard(rank, world), nll_loss)["attn/clipped_heads"]
                    for s in range(STEPS)]

@@ -49,4 +49,5 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, group: dist.Pr
                                  fused=fused, foreach=not fused)
     return MuonClip(muonclip_param_groups(model.named_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                     momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas, eps=cfg.eps,
-                    ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.ns_dtype), group=group)
+                    ns_steps=cfg.ns_steps, ns_dtype=getattr(torch, cfg.ns_dtype), group=group,
+                    bucket_numel=cfg.zero_bucket_numel)

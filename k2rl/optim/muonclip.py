@@ -9,8 +9,10 @@ DeepSpeed, any ZeRO stage, fp32 parameters (compute in bf16 through autocast if 
 - Stages 1/2/3: DeepSpeed hands `step()` flat fp32 partitions (1/N of the state per rank), and
   `attach_zero(ds_optimizer)` tells MuonClip which elements of which parameter each partition holds
   (`k2rl.optim.zero_layout`). The momentum stays in the partition (elementwise, 1/N); the Nesterov
-  update is all-gathered into whole matrices, each matrix is orthogonalized once on one rank (the same
-  split as stage 0), and each rank applies its own elements of the result to its master partition.
+  update is all-gathered into whole matrices, `bucket_numel` elements of parameters at a time (what
+  bounds the transient whole-matrix memory on every rank), each matrix is orthogonalized once on one
+  rank (the same split as stage 0), and each rank keeps its own elements of the result for its
+  master partition.
   QK-Clip then scales the master partition too (`scale_weight`), or DeepSpeed would copy it back.
 - The parameters must be fp32: they are the master weights, and QK-Clip rescales them in place.
   DeepSpeed's bf16/fp16 wrappers would keep private fp32 copies that QK-Clip cannot see.
@@ -48,6 +50,7 @@ class MuonClip(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_dtype: torch.dtype = torch.float16,
         group: dist.ProcessGroup | None = None,
+        bucket_numel: int = 1 << 28,
     ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, betas=betas,
                         eps=eps, ns_steps=ns_steps, use_muon=False)
@@ -61,6 +64,7 @@ class MuonClip(torch.optim.Optimizer):
                 raise ValueError("a use_muon group needs one matrix_rows entry per parameter")
         self.ns_dtype = ns_dtype
         self.dp_group = group
+        self.bucket_numel = bucket_numel
         self.matrix_rows = {id(p): rows for g in self.param_groups if g["use_muon"]
                             for p, rows in zip(g["params"], g["matrix_rows"])}
         self.partitions: dict[int, tuple[torch.Tensor, ShardLayout]] = {}  # id(flat partition) -> it, layout
@@ -114,14 +118,17 @@ class MuonClip(torch.optim.Optimizer):
         buf = self._state_tensor(flat, "momentum_buffer")
         buf.lerp_(flat.grad, 1 - mu)
         update = flat.grad.lerp(buf, mu) if group["nesterov"] else buf
-        whole = layout.gather(update)
-        rows = [self.matrix_rows[id(p)] for p in layout.params]
-        matrices = [w.view(-1, r, w.shape[-1]) for w, r in zip(whole, rows)]
-        orthogonal = orthogonalize_all(matrices, group["ns_steps"], self.ns_dtype, layout.group)
-        del whole, matrices
-        scaled = [o.view(shape).to(flat.dtype).mul_(rms_match_scale(r, shape[-1]))
-                  for o, r, shape in zip(orthogonal, rows, layout.shapes)]
-        flat.mul_(1 - lr * group["weight_decay"]).add_(layout.local(scaled, torch.empty_like(flat)), alpha=-lr)
+        step = torch.zeros_like(flat)  # this rank's elements of the RMS-matched orthogonal update
+        for indices in layout.buckets(self.bucket_numel):
+            whole = layout.gather(update, indices)
+            rows = [self.matrix_rows[id(layout.params[i])] for i in indices]
+            matrices = [w.view(-1, r, w.shape[-1]) for w, r in zip(whole, rows)]
+            orthogonal = orthogonalize_all(matrices, group["ns_steps"], self.ns_dtype, layout.group)
+            del whole, matrices
+            scaled = [o.view(layout.shapes[i]).to(flat.dtype).mul_(rms_match_scale(r, layout.shapes[i][-1]))
+                      for o, r, i in zip(orthogonal, rows, indices)]
+            layout.local(scaled, indices, step)
+        flat.mul_(1 - lr * group["weight_decay"]).add_(step, alpha=-lr)
 
     @torch.no_grad()
     def scale_weight(self, param: torch.Tensor, scale: torch.Tensor) -> None:

@@ -4,10 +4,10 @@ ZeRO 1/2 flatten a param group into one buffer (params in order, alignment paddi
 and give rank r the contiguous slice [r P, (r+1) P). ZeRO 3 partitions each parameter on its own:
 rank r holds elements [r c, (r+1) c) of every flattened parameter (c = ceil(numel / N), the last
 chunk zero-padded), and its flat partition is those chunks back to back. Either way every rank's
-partition has the same length L, so one all-gather of the L-element partitions yields every rank's
-elements, and a `ShardLayout` says which of them belong to which parameter. MuonClip uses it to
-assemble whole matrices for Newton-Schulz and to take back its own part of the result, QK-Clip to
-find the master-weight elements of a q/k projection row.
+partition has the same length L, and a `ShardLayout` says which of its elements belong to which
+parameter. MuonClip uses it to assemble whole matrices for Newton-Schulz, a bucket of parameters at a
+time (one all-gather of every rank's pieces of just those), and to take back its own part of the
+result; QK-Clip uses it to find the master-weight elements of a q/k projection row.
 """
 from __future__ import annotations
 
@@ -38,30 +38,51 @@ class ShardLayout:
         self.rank = dist.get_rank(group)
         self.index = {id(p): i for i, p in enumerate(params)}
 
-    def gather(self, local: torch.Tensor) -> list[torch.Tensor]:
-        """All ranks' partitions (`local`: this rank's, [L]) -> each parameter whole, in its full shape."""
-        world = len(self.pieces)
-        everything = torch.empty(world * self.length, dtype=local.dtype, device=local.device)
-        dist.all_gather_into_tensor(everything, local.contiguous(), group=self.group)
-        parts = everything.view(world, self.length)
-        out = []
+    def buckets(self, max_numel: int) -> list[list[int]]:
+        """Parameter indices in consecutive runs of at most `max_numel` elements in all (a larger
+        parameter alone): the units `gather` brings whole, so no rank ever holds more of the group."""
+        runs, size = [[]], 0
         for i, shape in enumerate(self.shapes):
-            whole = torch.empty(math.prod(shape), dtype=local.dtype, device=local.device)
+            numel = math.prod(shape)
+            if runs[-1] and size + numel > max_numel:
+                runs.append([])
+                size = 0
+            runs[-1].append(i)
+            size += numel
+        return runs if runs[-1] else []
+
+    def gather(self, local: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
+        """Parameters `indices` whole, in their full shapes, from every rank's partition (`local`: this
+        rank's, [L]). One all-gather of each rank's pieces of just those parameters, padded to the
+        largest rank's count."""
+        world = len(self.pieces)
+        counts = [sum(pc.end - pc.start for i in indices for pc in self.pieces[rank][i]) for rank in range(world)]
+        mine = local.new_zeros(max(counts))
+        pos = 0
+        for i in indices:
+            for pc in self.pieces[self.rank][i]:
+                mine[pos:pos + pc.end - pc.start] = local[pc.offset:pc.offset + pc.end - pc.start]
+                pos += pc.end - pc.start
+        everything = local.new_empty(world * mine.numel())
+        dist.all_gather_into_tensor(everything, mine, group=self.group)
+        parts, cursor = everything.view(world, mine.numel()), [0] * world
+        out = []
+        for i in indices:
+            whole = local.new_empty(math.prod(self.shapes[i]))
             for rank in range(world):
                 for pc in self.pieces[rank][i]:
-                    whole[pc.start:pc.end] = parts[rank, pc.offset:pc.offset + pc.end - pc.start]
-            out.append(whole.view(shape))
+                    whole[pc.start:pc.end] = parts[rank, cursor[rank]:cursor[rank] + pc.end - pc.start]
+                    cursor[rank] += pc.end - pc.start
+            out.append(whole.view(self.shapes[i]))
         return out
 
-    def local(self, whole: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """This rank's partition of per-parameter tensors `whole` (full shapes), written into `out` [L];
-        padding is zero."""
-        out.zero_()
-        for i, tensor in enumerate(whole):
+    def local(self, whole: list[torch.Tensor], indices: list[int], out: torch.Tensor) -> None:
+        """Write this rank's pieces of parameters `indices` (`whole`: their full-shape tensors) into its
+        partition `out` [L]; other elements are left as they are."""
+        for i, tensor in zip(indices, whole):
             flat = tensor.reshape(-1)
             for pc in self.pieces[self.rank][i]:
                 out[pc.offset:pc.offset + pc.end - pc.start] = flat[pc.start:pc.end]
-        return out
 
     def local_pieces(self, param: torch.Tensor) -> list[Piece]:
         return self.pieces[self.rank][self.index[id(param)]]
