@@ -88,7 +88,7 @@ def by_task_type(episodes_file: Path) -> dict[str, list[int]]:
 
 def print_task_types(run: Path) -> dict[str, dict[str, list[int]]]:
     """Solved / tasks per task type at the SFT start and after RL (wrong refusals in brackets): where the
-    overall figures come from, and what a trivial policy would also get."""
+    overall figures come from (the refuse baseline passes only the off-topic type)."""
     evals = sorted((run / "rollouts").glob("eval_step_*.jsonl"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     start, end = by_task_type(evals[0]), by_task_type(evals[-1])
     print(f"\nper task type, solved / tasks (wrong refusals): {evals[0].stem} -> {evals[-1].stem}")

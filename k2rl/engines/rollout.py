@@ -134,7 +134,7 @@ class RolloutEngine:
         if not self.direct_experts:
             raise RuntimeError("this engine's experts take vLLM's loader: send them through load_weights")
         # No prefix-cache reset here: load_weights just did one (nothing ran since), and on k2-mini each
-        # reset walks ~400k KV blocks (78 ms on the H200, a third of the whole sync).
+        # reset walks ~200k KV blocks (50-70 ms on the H200, 2026-12-04: most of a whole sync).
         return sum(self.llm.collective_rpc(_copy_experts_in_worker, args=(iter(stacks),)))
 
     def holds_device_memory(self) -> dict[str, bool]:
