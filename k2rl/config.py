@@ -54,6 +54,9 @@ class TrainEngineConfig(Section):
     micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward/backward; gradients accumulate over micro-batches")
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    shared_prefix: bool = Field(
+        True, description="run the prefix all sequences of a micro-batch open with (system prompt, tool schemas, a "
+        "task's prompt) once, not per sequence: same logprobs and gradients; off under gradient checkpointing and ZeRO-3")
     experts_implementation: Literal["auto", "eager", "grouped_mm"] = Field(
         "auto", description="MoE expert matmuls: grouped_mm = one grouped GEMM per projection (in bf16 under "
         "autocast), eager = transformers' per-expert loop; auto = grouped_mm on a GPU, eager on the CPU")
@@ -84,8 +87,9 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     ns_steps: int = Field(5, ge=1)
-    ns_dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        "float16", description="Newton-Schulz precision: fp16 is as fast as bf16 and 8x finer (inputs are normalized)")
+    ns_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Newton-Schulz precision. auto: float16 on a GPU (as fast as bf16 and 8x finer; inputs "
+        "are normalized), float32 on the CPU (which has no fast fp16 matmul: 26x slower than fp32 on the CI machine)")
     zero_bucket_numel: int = Field(
         1 << 28, ge=1, description="MuonClip under ZeRO 1-3: the most parameter elements whose update every rank "
         "gathers whole at once for Newton-Schulz (fp32, plus the NS copy); a larger matrix stack goes alone")

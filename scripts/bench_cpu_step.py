@@ -7,9 +7,10 @@ as the SFT stage does, stepped through the real TrainEngine (DeepSpeed ZeRO 0 on
 MuonClip, QK-Clip) with `configs/demo-sft.yaml`. A world of one does all of Newton-Schulz itself (two
 demo workers split it).
 
-Steps alternate between the model as it is and with SDPA's math kernel, which attention ran on the
-CPU before (see k2rl.model.attention), so their ratio is measured in one run on a shared, noisy
-machine. Per variant: median wall seconds of each phase (forward, backward, optimizer step, QK-Clip,
+Steps alternate between the engine as it is, the same without running the dialogs' shared prefix
+(system prompt and tool schemas) once (`train.shared_prefix`, k2rl.model.shared_prefix), and with
+SDPA's math kernel, which attention ran on the CPU before (see k2rl.model.attention), so their
+ratios are measured in one run on a shared, noisy machine. Per variant: median wall seconds of each phase (forward, backward, optimizer step, QK-Clip,
 the rest), and the step's CPU seconds (user + sys, which time-slicing by other jobs does not inflate)
 and page faults. Then the bare model's forward + backward of the same batch (no engine or optimizer).
 
@@ -114,7 +115,7 @@ def bare_forward_backward(engine, batch, objective) -> float:
     """Seconds of the same micro-batches' forward + loss + backward on the bare module."""
     start = time.perf_counter()
     total = batch.num_loss_tokens()
-    for mb in batch.micro_batches(engine.job.train.micro_batch_tokens):
+    for mb in batch.micro_batches(engine.job.train.micro_batch_tokens, engine._shared_prefix(batch)):
         loss, _ = objective(engine._forward_logprobs(mb, engine.model), mb)
         (loss * mb.num_loss_tokens() / total).backward()
     engine.model.zero_grad(set_to_none=True)
@@ -155,17 +156,27 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50))
         return
 
-    flash, math, bare = [], [], []
-    for _ in range(args.steps):  # interleaved, so both variants see the same load
-        flash.append(timed_step(engine, batch, objective))
-        with with_math_attention():
-            math.append(timed_step(engine, batch, objective))
+    variants = {"as is": nullcontext, "unshared": lambda: patched(engine, "_shared_prefix", lambda batch: 0),
+                "math attn": with_math_attention}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+    bare = []
+    for _ in range(args.steps):  # interleaved, so every variant sees the same load
+        for name, variant in variants.items():
+            with variant():
+                runs[name].append(timed_step(engine, batch, objective))
         bare.append(bare_forward_backward(engine, batch, objective))
-    print(f"{'median per step':<18}{'as is':>9}{'math attn':>11}{'math/as is':>12}   (seconds; faults: count)")
+    others = [name for name in variants if name != "as is"]
+    print(f"{'median per step':<18}{'as is':>9}" + "".join(f"{n:>11}{n + '/as is':>18}" for n in others)
+          + "   (seconds; faults: count)")
     for key in (*PHASES, "cpu", "sys", "faults"):
-        a, b = (statistics.median(step[key] for step in runs) for runs in (flash, math))
+        a = statistics.median(step[key] for step in runs["as is"])
         digits = 0 if key == "faults" else 3
-        print(f"{key:<18}{a:>9.{digits}f}{b:>11.{digits}f}{b / a if a > 1e-3 else float('nan'):>12.2f}")
+        row = f"{key:<18}{a:>9.{digits}f}"
+        for name in others:
+            b = statistics.median(step[key] for step in runs[name])
+            row += f"{b:>11.{digits}f}{b / a if a > 1e-3 else float('nan'):>18.2f}"
+        print(row)
+    flash = runs["as is"]
     total, bare_s = statistics.median(s["total"] for s in flash), statistics.median(bare)
     print(f"bare forward+backward, no engine or optimizer: {bare_s:.3f} s; train step / bare = {total / bare_s:.2f}")
 

@@ -112,6 +112,8 @@ def test_build_optimizer_by_name_and_rejects_low_precision(tiny_model_dir):
     model = load_model(tiny_model_dir, torch.float32)
     assert isinstance(build_optimizer(model, OptimizerConfig(name="muonclip")), MuonClip)
     assert isinstance(build_optimizer(model, OptimizerConfig(name="adamw")), torch.optim.AdamW)
+    assert build_optimizer(model, OptimizerConfig()).ns_dtype == torch.float32  # auto on the CPU
+    assert build_optimizer(model, OptimizerConfig(ns_dtype="bfloat16")).ns_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp32 master"):
         build_optimizer(model.to(torch.bfloat16), OptimizerConfig())
 

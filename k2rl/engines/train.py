@@ -37,7 +37,8 @@ from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, concat_batches, is_ro
 from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.experts import set_experts_implementation
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
-from k2rl.model.routing import replay_routing
+from k2rl.model.routing import Replay, replay_routing
+from k2rl.model.shared_prefix import shared_prefix_length, shared_prefix_logprobs, token_logprobs
 
 
 LossFn = Callable[[list[torch.Tensor], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
@@ -143,21 +144,34 @@ class TrainEngine:
             set_experts_implementation(self.reference, job_cfg.train.experts_implementation, self.device)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _forward_logprobs(self, mb: TokenBatch, module=None) -> list[torch.Tensor]:
+    def _forward_logprobs(self, mb: TokenBatch, module=None, replay: Replay | None = None) -> list[torch.Tensor]:
         """Per-sequence logprobs of each token given its prefix (position 0: 0.0), right-padded batch;
-        under the policy (the DeepSpeed engine) unless another `module` is given."""
+        under the policy (the DeepSpeed engine) unless another `module` is given. A prefix all sequences
+        share is run once (k2rl.model.shared_prefix); `replay` is the block's routing replay, if any."""
         lengths = [len(s) for s in mb.input_ids]
         ids = torch.nn.utils.rnn.pad_sequence(mb.input_ids, batch_first=True).to(self.device)
-        attn = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).to(self.device)
-        logits = (module or self.engine)(input_ids=ids, attention_mask=attn.long(), use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        logp = torch.cat([torch.zeros_like(logp[:, :1]), logp], dim=1)
+        attn = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long().to(self.device)
+        module = module or self.engine
+        shared = self._shared_prefix(mb)
+        if shared:
+            logp = shared_prefix_logprobs(module, ids, attn, shared, replay)
+        else:
+            logits = module(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            logp = torch.cat([torch.zeros_like(ids[:, :1], dtype=torch.float32),
+                              token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
         return [logp[i, :n] for i, n in enumerate(lengths)]
+
+    def _shared_prefix(self, batch: TokenBatch) -> int:
+        """Leading tokens to run once for the whole batch (0: none). Off under gradient checkpointing, and
+        under ZeRO-3, whose per-module gather and reduce hooks take a module run twice for two parameters."""
+        if not self.job.train.shared_prefix or self.model.is_gradient_checkpointing or self.zero3:
+            return 0
+        return shared_prefix_length(batch.input_ids, batch.token_data.get(ROUTED_EXPERTS))
 
     def _replayed_routing(self, mb: TokenBatch, module=None):
         """A context in which `module` (default: the policy) routes `mb`'s tokens as vLLM did, when the
         batch carries vLLM's routing (k2rl.model.routing); it must also span the backward pass, where
-        gradient checkpointing runs the routers again."""
+        gradient checkpointing runs the routers again. Yields the Replay (None without routing)."""
         routed = mb.token_data.get(ROUTED_EXPERTS)
         if routed is None:
             return nullcontext()
@@ -166,7 +180,7 @@ class TrainEngine:
 
     def _aligned_micro_batches(self, batch: TokenBatch) -> list[tuple[TokenBatch, bool]]:
         """This rank's micro-batches, padded with weight-zero repeats to the largest count of any rank."""
-        mbs = batch.micro_batches(self.job.train.micro_batch_tokens) if len(batch) else []
+        mbs = batch.micro_batches(self.job.train.micro_batch_tokens, self._shared_prefix(batch)) if len(batch) else []
         count = torch.tensor([len(mbs)], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
         filler = mbs[0].select([0]) if mbs else TokenBatch.from_lists([[0, 0]])
@@ -195,8 +209,8 @@ class TrainEngine:
         out = []
         with torch.no_grad():
             for mb, real in self._aligned_micro_batches(batch):
-                with self._replayed_routing(mb, module):
-                    logps = self._forward_logprobs(mb, module)
+                with self._replayed_routing(mb, module) as replay:
+                    logps = self._forward_logprobs(mb, module, replay)
                 if real:
                     out += [lp.float().cpu() for lp in logps]
         return out
@@ -216,8 +230,8 @@ class TrainEngine:
             weight = mb.num_loss_tokens() / total if real else 0.0
             mb = mb.to(self.device)
             last = i == len(mbs) - 1
-            with self._replayed_routing(mb):
-                loss, stats = loss_fn(self._forward_logprobs(mb), mb)
+            with self._replayed_routing(mb) as replay:
+                loss, stats = loss_fn(self._forward_logprobs(mb, replay=replay), mb)
                 self.engine.set_gradient_accumulation_boundary(last)
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
             if last and self.job.train.zero_stage == 0:  # DeepSpeed reports no norm without ZeRO

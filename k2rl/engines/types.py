@@ -90,12 +90,15 @@ class TokenBatch:
     def num_loss_tokens(self) -> int:
         return int(sum(m.sum() for m in self.loss_mask))
 
-    def micro_batches(self, max_tokens: int) -> list[TokenBatch]:
-        """Greedy split in order, each at most `max_tokens` once padded (a longer sequence goes alone)."""
+    def micro_batches(self, max_tokens: int, shared: int = 0) -> list[TokenBatch]:
+        """Greedy split in order, each at most `max_tokens` once padded (a longer sequence goes alone).
+        With a prefix of `shared` tokens that every sequence opens with and the trainer runs once
+        (k2rl.model.shared_prefix), a group costs those tokens once plus each sequence's padded rest."""
         groups, current, longest = [], [], 0
+        cost = lambda longest, count: shared + (longest - shared) * count  # noqa: E731
         for i, seq in enumerate(self.input_ids):
             longest_if_added = max(longest, len(seq))
-            if current and longest_if_added * (len(current) + 1) > max_tokens:
+            if current and cost(longest_if_added, len(current) + 1) > max_tokens:
                 groups.append(current)
                 current, longest_if_added = [], len(seq)
             current.append(i)

@@ -58,20 +58,33 @@ def _replayed_output(router: torch.nn.Module, output, replay: torch.Tensor):
     return logits, weights * router.routed_scaling_factor, indices
 
 
+class Replay:
+    """The routing a block of `replay_routing` hands to the routers. `routed` covers the whole batch;
+    `use` narrows it to the part of the batch that the next forward pass takes (a forward over a
+    shared prefix, then one over each sequence's rest: k2rl.model.shared_prefix)."""
+
+    def __init__(self, routed: torch.Tensor):
+        self.routed = self.part = routed
+
+    def use(self, rows: slice, positions: slice) -> None:
+        self.part = self.routed[rows, positions]
+
+
 @contextmanager
 def replay_routing(model: torch.nn.Module, routed: torch.Tensor | None):
     """Within the block, forward passes of `model` on inputs shaped like `routed[..., 0, 0]` use
-    `routed`'s experts (see module doc); `routed` None: a no-op."""
+    `routed`'s experts (see module doc); yields the `Replay` (None, and a no-op, when `routed` is None)."""
     if routed is None:
-        yield
+        yield None
         return
     routers = _routers(model)
     if routed.shape[2] != len(routers):
         raise ValueError(f"routed experts cover {routed.shape[2]} MoE layers, the model has {len(routers)}")
-    handles = [router.register_forward_hook(lambda m, _, out, i=i: _replayed_output(m, out, routed[:, :, i]))
+    replay = Replay(routed)
+    handles = [router.register_forward_hook(lambda m, _, out, i=i: _replayed_output(m, out, replay.part[:, :, i]))
                for i, router in enumerate(routers)]
     try:
-        yield
+        yield replay
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,129 @@
+"""A prefix every sequence shares, run once (k2rl.model.shared_prefix): the same logprobs, gradients,
+max attention logits and replayed routing as the plain batched pass; and the TrainEngine uses it."""
+import pytest
+import torch
+
+from k2rl.config import JobConfig
+from k2rl.engines.train import TrainEngine
+from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch
+from k2rl.model.checkpoint import load_model
+from k2rl.model.modeling import head_max_logits, reset_max_logits
+from k2rl.model.routing import own_routing, replay_routing
+from k2rl.model.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, shared_prefix_logprobs, token_logprobs
+
+PREFIX = 40
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir).train()
+
+
+def opening_alike(vocab: int, lengths=(PREFIX + 9, PREFIX + 3, PREFIX + 17)) -> list[torch.Tensor]:
+    """Sequences with the same first PREFIX tokens, then their own (the first own token differs)."""
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(20, vocab, (PREFIX,), generator=g)
+    return [torch.cat([prefix, torch.tensor([20 + i]), torch.randint(20, vocab, (n - PREFIX - 1,), generator=g)])
+            for i, n in enumerate(lengths)]
+
+
+def padded(seqs):
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    lengths = torch.tensor([len(s) for s in seqs])
+    return ids, (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+
+
+def plain_logprobs(model, ids, attn):
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    return torch.cat([torch.zeros(ids.shape[0], 1), token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
+
+
+def loss_and_grads(model, logp, attn):
+    model.zero_grad(set_to_none=True)
+    loss = -(logp * attn).sum() / attn.sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_prefix_length_leaves_each_sequence_a_token_and_skips_short_ones():
+    seqs = opening_alike(4096)
+    assert shared_prefix_length(seqs) == PREFIX
+    assert shared_prefix_length(seqs[:1]) == 0  # one sequence: nothing to share
+    same = [seqs[0], seqs[0].clone()]
+    assert shared_prefix_length(same) == len(seqs[0]) - 1  # identical: all but the last token
+    short = [s[PREFIX - MIN_SHARED_TOKENS + 1:] for s in seqs]
+    assert shared_prefix_length(short) == 0  # below MIN_SHARED_TOKENS a second pass does not pay
+    routed = [torch.zeros(len(s), 2, 2, dtype=torch.int16) for s in seqs]
+    routed[2][PREFIX - 5, 1, 0] = 3  # vLLM routed one prefix token of one sequence elsewhere
+    assert shared_prefix_length(seqs, routed) == PREFIX - 5
+
+
+def test_same_logprobs_gradients_and_max_logits_as_the_plain_pass(model):
+    ids, attn = padded(opening_alike(model.config.vocab_size))
+    reset_max_logits(model)
+    plain = plain_logprobs(model, ids, attn)
+    plain_max = head_max_logits(model)
+    reset_max_logits(model)
+    shared = shared_prefix_logprobs(model, ids, attn, PREFIX)
+    torch.testing.assert_close(head_max_logits(model), plain_max, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared * attn, plain * attn, atol=5e-5, rtol=0)
+
+    plain_loss, plain_grads = loss_and_grads(model, plain, attn)
+    shared_loss, shared_grads = loss_and_grads(model, shared, attn)
+    torch.testing.assert_close(shared_loss, plain_loss)
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_replayed_routing_reaches_both_passes(model):
+    ids, attn = padded(opening_alike(model.config.vocab_size))
+    other = (own_routing(model, ids) + 1) % model.config.n_routed_experts  # every token elsewhere
+    with torch.no_grad():
+        with replay_routing(model, other):
+            plain = plain_logprobs(model, ids, attn)
+        with replay_routing(model, other) as replay:
+            shared = shared_prefix_logprobs(model, ids, attn, PREFIX, replay)
+        unreplayed = plain_logprobs(model, ids, attn)
+    torch.testing.assert_close(shared * attn, plain * attn, atol=5e-5, rtol=0)
+    assert not torch.allclose(unreplayed * attn, plain * attn, atol=1e-3)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_train_engine_step_is_the_same_with_and_without_sharing(tiny_model_dir, world_of_one, zero_stage):
+    seqs = opening_alike(4096)
+    batch = TokenBatch([s for s in seqs], [torch.arange(len(s)) >= PREFIX for s in seqs])
+    batch.token_data[ROUTED_EXPERTS] = [torch.full((len(s), 2, 2), -1, dtype=torch.int16) for s in seqs]
+
+    def stepped(shared: bool):
+        job = JobConfig(optimizer={"name": "adamw", "lr": 1e-2},
+                        train={"zero_stage": zero_stage, "shared_prefix": shared, "micro_batch_tokens": 4096})
+        engine = TrainEngine(tiny_model_dir, job)
+        assert engine._shared_prefix(batch) == (PREFIX if shared else 0)
+        before = engine.logprobs(batch)
+        stats = engine.train_step(batch, nll)
+        return before, stats, engine.logprobs(batch)
+
+    plain, shared = stepped(False), stepped(True)
+    if zero_stage == 2:  # ZeRO-3 reduces per module call: a module run twice would count its gradient twice
+        job = JobConfig(optimizer={"name": "adamw"}, train={"zero_stage": 3, "shared_prefix": True})
+        assert TrainEngine(tiny_model_dir, job)._shared_prefix(batch) == 0
+    for a, b in zip(plain[0] + plain[2], shared[0] + shared[2]):
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=0)
+    assert shared[1]["loss"] == pytest.approx(plain[1]["loss"], abs=1e-5)
+    assert shared[1]["attn/max_logit"] == pytest.approx(plain[1]["attn/max_logit"], abs=1e-4)
+
+
+def test_micro_batches_count_the_shared_prefix_once():
+    seqs = opening_alike(4096)  # 49, 43, 57 tokens, 40 shared
+    batch = TokenBatch.from_lists([s.tolist() for s in seqs])
+    assert len(batch.micro_batches(3 * 57)) == 1 and len(batch.micro_batches(3 * 57 - 1)) == 2
+    assert len(batch.micro_batches(PREFIX + 3 * 17, shared=PREFIX)) == 1
+    assert len(batch.micro_batches(PREFIX + 3 * 17 - 1, shared=PREFIX)) == 2
+
+
+def nll(new_logprobs, batch):
+    mask = torch.cat(batch.loss_mask).float()
+    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
