@@ -35,7 +35,7 @@ def padded(seqs):
 
 def plain_logprobs(model, ids, attn):
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    return torch.cat([torch.zeros(ids.shape[0], 1), token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
+    return torch.cat([torch.zeros(ids.shape[0], 1, device=ids.device), token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
 
 
 def loss_and_grads(model, logp, attn):
@@ -127,3 +127,21 @@ def test_micro_batches_count_the_shared_prefix_once():
 def nll(new_logprobs, batch):
     mask = torch.cat(batch.loss_mask).float()
     return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_under_bf16_autocast_the_gap_is_rounding(tiny_model_dir):
+    """fp32 master weights, bf16 autocast (the GPU trainer's setup): batch-of-one and batched kernels
+    round apart, so the shared pass agrees to bf16 noise, not bit for bit."""
+    model = load_model(tiny_model_dir).cuda().train()
+    ids, attn = padded(opening_alike(model.config.vocab_size))
+    ids, attn = ids.cuda(), attn.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = plain_logprobs(model, ids, attn)
+        shared = shared_prefix_logprobs(model, ids, attn, PREFIX)
+    gap = ((shared - plain).abs() * attn).sum() / attn.sum()
+    assert gap < 1e-2, gap
+    _, plain_grads = loss_and_grads(model, plain, attn)
+    _, shared_grads = loss_and_grads(model, shared, attn)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads.values()])  # noqa: E731
+    assert torch.nn.functional.cosine_similarity(flat(shared_grads), flat(plain_grads), dim=0) > 0.99
