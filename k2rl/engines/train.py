@@ -163,7 +163,7 @@ class TrainEngine:
 
     def _shared_prefix(self, batch: TokenBatch) -> int:
         """Leading tokens to run once for the whole batch (0: none). Off under gradient checkpointing, and
-        under ZeRO-3, whose per-module gather and reduce hooks take a module run twice for two parameters."""
+        under ZeRO-3, whose hooks reduce a module's gradient once per call (a module run twice: twice)."""
         if not self.job.train.shared_prefix or self.model.is_gradient_checkpointing or self.zero3:
             return 0
         return shared_prefix_length(batch.input_ids, batch.token_data.get(ROUTED_EXPERTS))
