@@ -10,9 +10,9 @@ demo workers split it).
 Steps alternate between the engine as it is, the same without running the dialogs' shared prefix
 (system prompt and tool schemas) once (`train.shared_prefix`, k2rl.model.shared_prefix), and with
 SDPA's math kernel, which attention ran on the CPU before (see k2rl.model.attention), so their
-ratios are measured in one run on a shared, noisy machine. Per variant: median wall seconds of each phase (forward, backward, optimizer step, QK-Clip,
-the rest), and the step's CPU seconds (user + sys, which time-slicing by other jobs does not inflate)
-and page faults. Then the bare model's forward + backward of the same batch (no engine or optimizer).
+ratios are measured in one run on a shared, noisy machine. Per variant: median wall seconds of each
+phase (forward, backward, optimizer step, QK-Clip, the rest), and the step's CPU seconds (user +
+sys, which time-slicing by other jobs does not inflate) and page faults. Then the bare model's forward + backward of the same batch (no engine or optimizer).
 
 --malloc-defaults keeps glibc's malloc thresholds (the engine raises them,
 `k2rl.engines.train.keep_freed_memory_in_heap`); compare the CPU seconds of a run with and without.
@@ -176,8 +176,7 @@ def main() -> None:
             b = statistics.median(step[key] for step in runs[name])
             row += f"{b:>11.{digits}f}{b / a if a > 1e-3 else float('nan'):>18.2f}"
         print(row)
-    flash = runs["as is"]
-    total, bare_s = statistics.median(s["total"] for s in flash), statistics.median(bare)
+    total, bare_s = statistics.median(s["total"] for s in runs["as is"]), statistics.median(bare)
     print(f"bare forward+backward, no engine or optimizer: {bare_s:.3f} s; train step / bare = {total / bare_s:.2f}")
 
 

@@ -9,7 +9,7 @@ from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch
 from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import head_max_logits, reset_max_logits
 from k2rl.model.routing import own_routing, replay_routing
-from k2rl.model.shared_prefix import MIN_SHARED_TOKENS, shared_prefix_length, shared_prefix_logprobs, token_logprobs
+from k2rl.model.shared_prefix import MIN_SHARED_TOKENS, padded_logprobs, shared_prefix_length
 
 PREFIX = 40
 
@@ -31,11 +31,6 @@ def padded(seqs):
     ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     lengths = torch.tensor([len(s) for s in seqs])
     return ids, (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
-
-
-def plain_logprobs(model, ids, attn):
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    return torch.cat([torch.zeros(ids.shape[0], 1, device=ids.device), token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
 
 
 def loss_and_grads(model, logp, attn):
@@ -63,10 +58,10 @@ def test_prefix_length_leaves_each_sequence_a_token_and_skips_short_ones():
 def test_same_logprobs_gradients_and_max_logits_as_the_plain_pass(model):
     ids, attn = padded(opening_alike(model.config.vocab_size))
     reset_max_logits(model)
-    plain = plain_logprobs(model, ids, attn)
+    plain = padded_logprobs(model, ids, attn)
     plain_max = head_max_logits(model)
     reset_max_logits(model)
-    shared = shared_prefix_logprobs(model, ids, attn, PREFIX)
+    shared = padded_logprobs(model, ids, attn, PREFIX)
     torch.testing.assert_close(head_max_logits(model), plain_max, atol=1e-5, rtol=0)
     torch.testing.assert_close(shared * attn, plain * attn, atol=5e-5, rtol=0)
 
@@ -83,10 +78,10 @@ def test_replayed_routing_reaches_both_passes(model):
     other = (own_routing(model, ids) + 1) % model.config.n_routed_experts  # every token elsewhere
     with torch.no_grad():
         with replay_routing(model, other):
-            plain = plain_logprobs(model, ids, attn)
+            plain = padded_logprobs(model, ids, attn)
         with replay_routing(model, other) as replay:
-            shared = shared_prefix_logprobs(model, ids, attn, PREFIX, replay)
-        unreplayed = plain_logprobs(model, ids, attn)
+            shared = padded_logprobs(model, ids, attn, PREFIX, replay)
+        unreplayed = padded_logprobs(model, ids, attn)
     torch.testing.assert_close(shared * attn, plain * attn, atol=5e-5, rtol=0)
     assert not torch.allclose(unreplayed * attn, plain * attn, atol=1e-3)
 
@@ -137,8 +132,8 @@ def test_on_the_gpu_under_bf16_autocast_the_gap_is_rounding(tiny_model_dir):
     ids, attn = padded(opening_alike(model.config.vocab_size))
     ids, attn = ids.cuda(), attn.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        plain = plain_logprobs(model, ids, attn)
-        shared = shared_prefix_logprobs(model, ids, attn, PREFIX)
+        plain = padded_logprobs(model, ids, attn)
+        shared = padded_logprobs(model, ids, attn, PREFIX)
     gap = ((shared - plain).abs() * attn).sum() / attn.sum()
     assert gap < 1e-2, gap
     _, plain_grads = loss_and_grads(model, plain, attn)

@@ -38,7 +38,7 @@ from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.experts import set_experts_implementation
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
 from k2rl.model.routing import Replay, replay_routing
-from k2rl.model.shared_prefix import shared_prefix_length, shared_prefix_logprobs, token_logprobs
+from k2rl.model.shared_prefix import padded_logprobs, shared_prefix_length
 
 
 LossFn = Callable[[list[torch.Tensor], TokenBatch], tuple[torch.Tensor, dict[str, float]]]
@@ -151,14 +151,7 @@ class TrainEngine:
         lengths = [len(s) for s in mb.input_ids]
         ids = torch.nn.utils.rnn.pad_sequence(mb.input_ids, batch_first=True).to(self.device)
         attn = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long().to(self.device)
-        module = module or self.engine
-        shared = self._shared_prefix(mb)
-        if shared:
-            logp = shared_prefix_logprobs(module, ids, attn, shared, replay)
-        else:
-            logits = module(input_ids=ids, attention_mask=attn, use_cache=False).logits
-            logp = torch.cat([torch.zeros_like(ids[:, :1], dtype=torch.float32),
-                              token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
+        logp = padded_logprobs(module or self.engine, ids, attn, self._shared_prefix(mb), replay)
         return [logp[i, :n] for i, n in enumerate(lengths)]
 
     def _shared_prefix(self, batch: TokenBatch) -> int:

@@ -40,10 +40,19 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
-def shared_prefix_logprobs(module, ids: torch.Tensor, attention_mask: torch.Tensor, shared: int,
-                           replay: Replay | None = None) -> torch.Tensor:
+def padded_logprobs(module, ids: torch.Tensor, attention_mask: torch.Tensor, shared: int = 0,
+                    replay: Replay | None = None) -> torch.Tensor:
     """[B, L] logprob of each token given the ones before (position 0: 0.0) for right-padded `ids`
-    whose first `shared` tokens are the same in every row; `module` is a causal LM (or its engine)."""
+    under `module` (a causal LM or its engine). With `shared` > 0 the first `shared` tokens are the same
+    in every row and run once; `replay` is the routing replay of the enclosing block, if any."""
+    if shared:
+        return _shared_prefix_logprobs(module, ids, attention_mask, shared, replay)
+    logits = module(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    return torch.cat([torch.zeros(ids.shape[0], 1, device=ids.device), token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
+
+
+def _shared_prefix_logprobs(module, ids: torch.Tensor, attention_mask: torch.Tensor, shared: int,
+                            replay: Replay | None) -> torch.Tensor:
     batch = ids.shape[0]
     config = getattr(module, "module", module).config
     cache = DynamicCache(config=config)
