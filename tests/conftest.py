@@ -1,5 +1,5 @@
 """Shared fixtures: a k2-tiny model built once per test session, and the environment the real
-vLLM (CPU, in-process) and DeepSpeed (CPU, gloo) need."""
+vLLM (CPU, in-process) and DeepSpeed (CPU, gloo) need; `nll`, a loss for TrainEngine.train_step."""
 from __future__ import annotations
 
 import os
@@ -11,6 +11,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def nll(new_logprobs, batch):
+    """Mean negative logprob over loss tokens: the simplest loss with the TrainEngine's contract
+    (`from conftest import nll`). In-process only: a Ray actor cannot import this module."""
+    mask = torch.cat(batch.loss_mask).float()
+    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {"tokens": float(mask.sum())}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,8 @@ from k2rl.model.modeling import head_max_logits, reset_max_logits
 from k2rl.model.routing import own_routing, replay_routing
 from k2rl.model.shared_prefix import MIN_SHARED_TOKENS, padded_logprobs, shared_prefix_length
 
+from conftest import nll
+
 PREFIX = 40
 
 
@@ -117,11 +119,6 @@ def test_micro_batches_count_the_shared_prefix_once():
     assert len(batch.micro_batches(3 * 57)) == 1 and len(batch.micro_batches(3 * 57 - 1)) == 2
     assert len(batch.micro_batches(PREFIX + 3 * 17, shared=PREFIX)) == 1
     assert len(batch.micro_batches(PREFIX + 3 * 17 - 1, shared=PREFIX)) == 2
-
-
-def nll(new_logprobs, batch):
-    mask = torch.cat(batch.loss_mask).float()
-    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
 
 
 @pytest.mark.gpu

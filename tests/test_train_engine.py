@@ -11,14 +11,10 @@ from k2rl.model.checkpoint import load_model
 from k2rl.model.modeling import export_weights, to_checkpoint_names
 from k2rl.model.routing import own_routing
 
+from conftest import nll
+
 EXPERT = re.compile(r"\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")  # one expert's matrix, checkpoint name
 SEQS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27]]
-
-
-def nll_loss(new_logprobs, batch):
-    """Mean negative logprob over loss tokens: the simplest loss with the engine's contract."""
-    mask = torch.cat(batch.loss_mask).float()
-    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {"tokens": float(mask.sum())}
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +105,7 @@ def test_expert_stacks_are_the_live_fused_experts(engine):
 def test_train_step_learns_and_checkpoint_round_trips(engine, tmp_path):
     batch = TokenBatch.from_lists(SEQS)
     before = sum(float(lp.sum()) for lp in engine.logprobs(batch))
-    stats = [engine.train_step(batch, nll_loss) for _ in range(3)]
+    stats = [engine.train_step(batch, nll) for _ in range(3)]
     after = sum(float(lp.sum()) for lp in engine.logprobs(batch))
     assert after > before + 1.0, (before, after)
     assert stats[-1]["tokens"] > 0 and stats[-1]["grad_norm"] > 0 and stats[-1]["attn/max_logit"] > 0
@@ -117,7 +113,7 @@ def test_train_step_learns_and_checkpoint_round_trips(engine, tmp_path):
 
     engine.save_checkpoint(tmp_path / "ckpt")
     saved = engine.logprobs(batch)
-    engine.train_step(batch, nll_loss)
+    engine.train_step(batch, nll)
     engine.load_checkpoint(tmp_path / "ckpt")
     for a, b in zip(saved, engine.logprobs(batch)):
         torch.testing.assert_close(a, b)
@@ -139,7 +135,7 @@ def test_muonclip_under_zero0_clips_heads(engine, tiny_model_dir):
     """The default optimizer (k2rl.optim's MuonClip, ZeRO 0): a step reports grad norm and QK-Clip."""
     job = JobConfig(optimizer={"name": "muonclip", "lr": 1e-2, "qk_clip_tau": 0.05}, train={"zero_stage": 0})
     muon = TrainEngine(tiny_model_dir, job)  # joins the world the `engine` fixture set up
-    stats = muon.train_step(TokenBatch.from_lists(SEQS), nll_loss)
+    stats = muon.train_step(TokenBatch.from_lists(SEQS), nll)
     assert stats["grad_norm"] > 0 and stats["attn/clipped_heads"] > 0 and 0 < stats["attn/max_logit"]
 
 
@@ -150,7 +146,7 @@ def test_reference_policy_stays_frozen(tiny_model_dir, world_of_one):
     batch = TokenBatch.from_lists(SEQS)
     before = engine.reference_logprobs(batch)
     torch.testing.assert_close(torch.cat(engine.logprobs(batch)), torch.cat(before))
-    engine.train_step(batch, nll_loss)
+    engine.train_step(batch, nll)
     assert not torch.allclose(torch.cat(engine.logprobs(batch)), torch.cat(before))
     torch.testing.assert_close(torch.cat(engine.reference_logprobs(batch)), torch.cat(before), rtol=0, atol=0)
 
@@ -164,4 +160,4 @@ def test_logprobs_and_step_replay_the_batch_routing(engine):
     assert all(torch.equal(a, b) for a, b in zip(engine.logprobs(batch), base))
     batch.token_data[ROUTED_EXPERTS] = [(r + 1) % experts for r in batch.token_data[ROUTED_EXPERTS]]
     assert not any(torch.allclose(a[1:], b[1:]) for a, b in zip(engine.logprobs(batch), base))
-    assert engine.train_step(batch, nll_loss)["grad_norm"] > 0
+    assert engine.train_step(batch, nll)["grad_norm"] > 0

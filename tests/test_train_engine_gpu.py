@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import nll
+
 pytestmark = pytest.mark.gpu
 
 
@@ -12,11 +14,6 @@ def engine(tiny_model_dir, world_of_one):
 
     job = JobConfig(optimizer={"name": "muonclip", "lr": 2e-2, "qk_clip_tau": 0.05}, train={"zero_stage": 0})
     return TrainEngine(tiny_model_dir, job)
-
-
-def nll(new_logprobs, batch):
-    mask = torch.cat(batch.loss_mask).float()
-    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
 
 
 def test_muonclip_trains_with_fp32_master_and_clips(engine):
