@@ -15,6 +15,7 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from k2rl.model.attention import MAX_LOGIT_ATTENTION, MAX_LOGIT_ATTR
+from k2rl.model.shared_prefix import token_logprobs
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -102,8 +103,7 @@ def export_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 def completion_logprobs(model: torch.nn.Module, prompt: list[int], completion: list[int]) -> torch.Tensor:
     """Per-token logprobs of `completion` after `prompt` under `model` (fp32 log-softmax)."""
     ids = torch.tensor([prompt + completion], device=next(model.parameters()).device)
-    logits = model(ids).logits[0, len(prompt) - 1:-1].float()
-    return logits.log_softmax(-1).gather(-1, ids[0, len(prompt):, None])[:, 0].cpu()
+    return token_logprobs(model(ids).logits[0, len(prompt) - 1:-1], ids[0, len(prompt):]).cpu()
 
 
 @torch.no_grad()
