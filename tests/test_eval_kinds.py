@@ -49,6 +49,35 @@ def test_per_kind_figures_of_a_hand_made_episode_file(tmp_path, capsys):
         assert row in table
 
 
+def test_pass_at_k_and_mixed_groups_with_several_samples(tmp_path, capsys):
+    """Three samples per task: pass@k counts a task any of whose samples succeeded, `mixed` one whose
+    samples disagree (the only groups that give RL a signal)."""
+    outcomes = {"b1": ([True, False, False], ["buy"]), "b2": ([False, False, False], ["buy"]),
+                "c1": ([True, True, True], ["cancel"]), "r1": ([False, True, False], ["sold_out", "refuse"])}
+    lines = []
+    for task_id, (successes, tags) in outcomes.items():
+        for sample, ok in enumerate(successes):
+            episode = _episode(task_id, tags, ok, float(ok), "Done." if ok else "Hm.")
+            lines.append(json.dumps({**episode, "sample": sample}) + "\n")
+    path, summary_path = tmp_path / "samples.jsonl", tmp_path / "summary.json"
+    path.write_text("".join(lines))
+    assert main(["eval", "--episodes", str(path), "--summary", str(summary_path)]) == 0
+    s = json.loads(summary_path.read_text())["samples"]
+    assert s["samples_per_task"] == 3
+    assert s["pass_at_k_action"] == pytest.approx(2 / 3) and s["mixed_action"] == pytest.approx(1 / 3)
+    assert s["pass_at_k_by_tag"] == {"buy": 0.5, "cancel": 1.0, "refuse": 1.0, "sold_out": 1.0}
+    assert s["mixed_by_tag"] == {"buy": 0.5, "cancel": 0.0, "refuse": 1.0, "sold_out": 1.0}
+    table = capsys.readouterr().out
+    assert "pass@k_action" in table and "mixed/buy" in table
+
+
+def test_one_sample_per_task_reports_no_pass_at_k(tmp_path):
+    path, summary_path = tmp_path / "hand.jsonl", tmp_path / "summary.json"
+    path.write_text("".join(json.dumps(e) + "\n" for e in EPISODES))
+    assert main(["eval", "--episodes", str(path), "--summary", str(summary_path)]) == 0
+    assert "pass_at_k_action" not in json.loads(summary_path.read_text())["hand"]
+
+
 def test_baseline_episodes_keep_their_kind(tiny_model_dir, tmp_path, capsys):
     out, summary_path = tmp_path / "refuse.jsonl", tmp_path / "summary.json"
     assert main(["eval", "--env", "shop", "--baseline", "refuse", "--tokenizer", str(tiny_model_dir), "--tasks", "40",

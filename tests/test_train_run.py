@@ -142,4 +142,5 @@ def test_group_filter_rolls_out_extra_tasks_and_trains_on_informative_groups(tin
             groups.setdefault(t["task_id"], set()).add(round(t["reward"], 6))
         informative = sum(len(rewards) > 1 for rewards in groups.values())
         assert row["rollout/groups_trained"] == min(informative, 2)
+        assert row["rollout/informative_groups"] == informative
         assert ("train/loss" in row) == (informative > 0)

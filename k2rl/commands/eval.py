@@ -176,7 +176,8 @@ _ROWS = [("episodes", "episodes", "d"), ("success_rate", "success_rate", ".3f"),
          ("tool_call_validity", "tool_call_validity", ".3f"), ("reward", "reward", ".3f"),
          ("process_score", "process_score", ".3f"), ("avg_turns", "avg_turns", ".2f"),
          ("avg_generated_tokens", "avg_generated_tokens", ".1f"), ("truncated_rate", "truncated_rate", ".3f"),
-         ("tool_calls", "tool_calls", "d"), ("env_failures", "env_failures", "d")]
+         ("tool_calls", "tool_calls", "d"), ("env_failures", "env_failures", "d"),
+         ("pass@k_action", "pass_at_k_action", ".3f"), ("mixed_action", "mixed_action", ".3f")]
 
 
 def _report(env_name: str, columns: dict, weights, summary_path: str | None) -> None:
@@ -185,16 +186,18 @@ def _report(env_name: str, columns: dict, weights, summary_path: str | None) -> 
     from rich.console import Console
     from rich.table import Table
 
-    from k2rl.rollout import success_by_tag, summarize
+    from k2rl.rollout import sample_groups, success_by_tag, summarize
 
     summaries = {name: summarize(trajectories, weights) for name, trajectories in columns.items()}
     for name, trajectories in columns.items():
         summaries[name]["success_by_tag"] = success_by_tag(trajectories)
+        summaries[name].update(sample_groups(trajectories))  # --samples > 1: pass@k and RL's headroom
     rows = [(label, [_cell(s.get(key), fmt) for s in summaries.values()]) for label, key, fmt in _ROWS]
-    for group, key in (("errors", "errors"), ("end", "end_reasons"), ("success", "success_by_tag")):
-        names = sorted({k for s in summaries.values() for k in s[key]})
-        fmt = ".3f" if key == "success_by_tag" else "d"
-        rows += [(f"{group}/{n}", [_cell(s[key].get(n), fmt) for s in summaries.values()]) for n in names]
+    for group, key in (("errors", "errors"), ("end", "end_reasons"), ("success", "success_by_tag"),
+                       ("pass@k", "pass_at_k_by_tag"), ("mixed", "mixed_by_tag")):
+        names = sorted({k for s in summaries.values() for k in s.get(key, {})})
+        fmt = "d" if key in ("errors", "end_reasons") else ".3f"
+        rows += [(f"{group}/{n}", [_cell(s.get(key, {}).get(n), fmt) for s in summaries.values()]) for n in names]
     first = next(iter(summaries.values()))
     table = Table(title=f"k2rl eval: {env_name}", caption=f"{first['episodes']} episodes: {first['action_episodes']} "
                                                           f"action, {first['refuse_episodes']} refuse tasks")

@@ -74,6 +74,9 @@ class Trainer:
         t_judge = time.perf_counter()
         train_stats = self._update(*self._groups_to_train(trajectories, rewards))
         reward_metrics["rollout/groups_trained"] = float(train_stats.pop("groups", 0))
+        # groups whose rewards differ: the only ones a group baseline learns from
+        reward_metrics["rollout/informative_groups"] = float(len(informative_groups(rewards, algo.samples_per_task,
+                                                                                    len(tasks))))
         t_end = time.perf_counter()
         self._save_rollouts(trajectories, rewards)
         summary = summarize(trajectories)

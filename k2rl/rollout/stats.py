@@ -64,3 +64,37 @@ def success_by_tag(trajectories: list[Trajectory]) -> dict[str, float]:
         for tag in t.tags:
             hits[tag].append(t.success)
     return {tag: sum(v) / len(v) for tag, v in sorted(hits.items())}
+
+
+def sample_groups(trajectories: list[Trajectory]) -> dict:
+    """With several samples of each task: pass@k (any of a task's samples succeeded) and `mixed`, the
+    share of tasks whose samples disagree. Only a mixed task gives a group baseline a signal, so mixed is
+    RL's headroom: where a task always fails, sampling never shows RL a success to reinforce. Per tag and
+    over action tasks; {} with one sample per task."""
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for t in trajectories:
+        groups[t.task_id].append(t)
+    samples = max((len(g) for g in groups.values()), default=0)
+    if samples < 2:
+        return {}
+    by_tag: dict[str, list[list[bool]]] = defaultdict(list)
+    for group in groups.values():
+        outcomes = [t.success for t in group]
+        for tag in group[0].tags:
+            by_tag[tag].append(outcomes)
+        if group[0].kind == "action":
+            by_tag["<action>"].append(outcomes)
+
+    def pass_at_k(rows):
+        return sum(any(r) for r in rows) / len(rows)
+
+    def mixed(rows):
+        return sum(any(r) and not all(r) for r in rows) / len(rows)
+
+    action = by_tag.pop("<action>", None)
+    out = {"samples_per_task": samples,
+           "pass_at_k_by_tag": {tag: pass_at_k(rows) for tag, rows in sorted(by_tag.items())},
+           "mixed_by_tag": {tag: mixed(rows) for tag, rows in sorted(by_tag.items())}}
+    if action:
+        out.update(pass_at_k_action=pass_at_k(action), mixed_action=mixed(action))
+    return out
