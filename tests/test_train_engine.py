@@ -139,6 +139,38 @@ def test_muonclip_under_zero0_clips_heads(engine, tiny_model_dir):
     assert stats["grad_norm"] > 0 and stats["attn/clipped_heads"] > 0 and 0 < stats["attn/max_logit"]
 
 
+def test_k2_update_favours_the_better_samples_of_each_group(tiny_model_dir, world_of_one):
+    """The RL direction end to end (Objective -> TrainEngine -> MuonClip, shared prompt run once, PTX rows
+    mixed in): after one step, sum_i A_i * (change in log pi(y_i)) > 0 and the group's better samples
+    gained on its worse ones. A flipped sign or misaligned advantages anywhere on the path fails it."""
+    from k2rl.config import AlgorithmConfig
+    from k2rl.loop.objective import Objective
+
+    job = JobConfig(optimizer={"name": "muonclip", "lr": 1e-3}, train={"zero_stage": 0})
+    engine = TrainEngine(tiny_model_dir, job)
+    gen = torch.Generator().manual_seed(0)
+    system = torch.randint(5, 4000, (20,), generator=gen).tolist()  # every dialog's opening: the shared prefix
+    prompts = [system + torch.randint(5, 4000, (4,), generator=gen).tolist() for _ in range(2)]
+    seqs = [p + torch.randint(5, 4000, (10,), generator=gen).tolist() for p in prompts for _ in range(4)]
+    masks = [[False] * 24 + [True] * 10 for _ in seqs]
+    rewards = torch.tensor([[1.5, 0.0, 0.0, 1.5], [0.0, -1.0, 1.5, 0.0]])
+    adv = (rewards - rewards.mean(1, keepdim=True)).flatten()
+    ptx = TokenBatch.from_lists([system + torch.randint(5, 4000, (10,), generator=gen).tolist()], [[False] * 20 + [True] * 10])
+    batch = TokenBatch.from_lists(seqs + ptx.input_ids, masks + ptx.loss_mask)
+    batch.seq_data = {"advantages": torch.cat([adv, torch.zeros(1)]), "ptx": torch.tensor([0.0] * 8 + [1.0])}
+    assert engine._shared_prefix(batch) == 20
+    algo = AlgorithmConfig(name="k2", tau=0.1, ptx_coef=0.5, ptx_dataset="oracle")
+
+    def sequence_logprobs():
+        return torch.stack([lp[24:].sum() for lp in engine.logprobs(batch)[:8]])
+
+    before = sequence_logprobs()
+    engine.train_step(batch, Objective(algo))
+    change = sequence_logprobs() - before
+    assert float((adv * change).sum()) > 0
+    assert change[adv > 0].mean() > change[adv < 0].mean()
+
+
 def test_reference_policy_stays_frozen(tiny_model_dir, world_of_one):
     """The KL anchor: logprobs of the initial weights, whatever the policy has learned since."""
     job = JobConfig(optimizer={"name": "adamw", "lr": 1e-2}, algorithm={"name": "grpo", "kl_coef": 0.1})
