@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def nll(new_logprobs, batch):
     """Mean negative logprob over loss tokens: the simplest loss with the TrainEngine's contract
-    (`from conftest import nll`). In-process only: a Ray actor cannot import this module."""
+    (`from conftest import nll`). Not for Ray actors, which cannot import this module (test_worker has its own)."""
     mask = torch.cat(batch.loss_mask).float()
     return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {"tokens": float(mask.sum())}
 

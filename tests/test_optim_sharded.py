@@ -15,7 +15,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_train_engine import nll_loss
+from conftest import nll
 
 from k2rl.config import JobConfig
 from k2rl.engines.train import TokenBatch, TrainEngine
@@ -71,7 +71,7 @@ def _rank_main(rank, world, port, model_dir, out_dir, stages):
         if stage:
             assert max(len(layout.buckets(BUCKET_NUMEL)) for _, layout in engine.client_optimizer.partitions.values()) > 1
         factors = _clip_factors(engine, _batch(world, 100, vocab).shard(rank, world))
-        clipped = [engine.train_step(_batch(world, s, vocab).shard(rank, world), nll_loss)["attn/clipped_heads"]
+        clipped = [engine.train_step(_batch(world, s, vocab).shard(rank, world), nll)["attn/clipped_heads"]
                    for s in range(STEPS)]
         result = dict(factors=factors, clipped=clipped, weights=_weights(engine),
                       state_bytes=state_bytes(engine.client_optimizer))
@@ -82,10 +82,10 @@ def _rank_main(rank, world, port, model_dir, out_dir, stages):
         engine.offload()
         engine.reload()
         extra = _batch(world, STEPS, vocab).shard(rank, world)
-        engine.train_step(extra, nll_loss)
+        engine.train_step(extra, nll)
         result["after_save"] = _weights(engine)
         engine.load_checkpoint(f"{out_dir}/ckpt{stage}")
-        engine.train_step(extra, nll_loss)
+        engine.train_step(extra, nll)
         result["after_load"] = _weights(engine)
         results[stage] = result
     torch.save(results, f"{out_dir}/rank{rank}.pt")
