@@ -78,23 +78,24 @@ def sample_groups(trajectories: list[Trajectory]) -> dict:
     if samples < 2:
         return {}
     by_tag: dict[str, list[list[bool]]] = defaultdict(list)
+    action: list[list[bool]] = []
     for group in groups.values():
         outcomes = [t.success for t in group]
         for tag in group[0].tags:
             by_tag[tag].append(outcomes)
         if group[0].kind == "action":
-            by_tag["<action>"].append(outcomes)
-
-    def pass_at_k(rows):
-        return sum(any(r) for r in rows) / len(rows)
-
-    def mixed(rows):
-        return sum(any(r) and not all(r) for r in rows) / len(rows)
-
-    action = by_tag.pop("<action>", None)
+            action.append(outcomes)
     out = {"samples_per_task": samples,
-           "pass_at_k_by_tag": {tag: pass_at_k(rows) for tag, rows in sorted(by_tag.items())},
-           "mixed_by_tag": {tag: mixed(rows) for tag, rows in sorted(by_tag.items())}}
+           "pass_at_k_by_tag": {tag: _pass_at_k(rows) for tag, rows in sorted(by_tag.items())},
+           "mixed_by_tag": {tag: _mixed(rows) for tag, rows in sorted(by_tag.items())}}
     if action:
-        out.update(pass_at_k_action=pass_at_k(action), mixed_action=mixed(action))
+        out.update(pass_at_k_action=_pass_at_k(action), mixed_action=_mixed(action))
     return out
+
+
+def _pass_at_k(groups: list[list[bool]]) -> float:
+    return sum(any(g) for g in groups) / len(groups)
+
+
+def _mixed(groups: list[list[bool]]) -> float:
+    return sum(any(g) and not all(g) for g in groups) / len(groups)
