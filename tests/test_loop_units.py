@@ -51,7 +51,7 @@ def test_group_filter_keeps_groups_whose_rewards_differ():
 
     trainer = Trainer.__new__(Trainer)  # the selection needs only the config
     trainer.config = JobConfig(algorithm={"samples_per_task": 2, "tasks_per_step": 2, "filter_groups": True})
-    kept, kept_rewards = trainer._groups_to_train(trajectories, rewards)
+    kept, kept_rewards = trainer._groups_to_train(trajectories, rewards, informative_groups(rewards, 2, limit=8))
     assert [(t.task_id, t.sample) for t in kept] == [("t1", 0), ("t1", 1), ("t3", 0), ("t3", 1)]
     assert kept_rewards == rewards[2:4] + rewards[6:8]
 

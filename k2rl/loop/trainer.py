@@ -72,11 +72,10 @@ class Trainer:
         rewards, reward_metrics = score(trajectories, {t.id: t.goal for t in tasks}, algo.samples_per_task,
                                         cfg.rewards.weights, self.judge)
         t_judge = time.perf_counter()
-        train_stats = self._update(*self._groups_to_train(trajectories, rewards))
+        informative = informative_groups(rewards, algo.samples_per_task, len(tasks))  # all a group baseline learns from
+        train_stats = self._update(*self._groups_to_train(trajectories, rewards, informative))
         reward_metrics["rollout/groups_trained"] = float(train_stats.pop("groups", 0))
-        # groups whose rewards differ: the only ones a group baseline learns from
-        reward_metrics["rollout/informative_groups"] = float(len(informative_groups(rewards, algo.samples_per_task,
-                                                                                    len(tasks))))
+        reward_metrics["rollout/informative_groups"] = float(len(informative))
         t_end = time.perf_counter()
         self._save_rollouts(trajectories, rewards)
         summary = summarize(trajectories)
@@ -93,13 +92,14 @@ class Trainer:
             "time/step": t_end - t0, "perf/tokens_per_s": generated / max(t_rollout - t_switch, 1e-9),
         }
 
-    def _groups_to_train(self, trajectories: list, rewards: list) -> tuple[list, list]:
-        """All groups, or with `filter_groups` up to tasks_per_step whose rewards differ."""
+    def _groups_to_train(self, trajectories: list, rewards: list, informative: list[int]) -> tuple[list, list]:
+        """All groups, or with `filter_groups` the first tasks_per_step of the `informative` ones (rewards
+        differ)."""
         algo = self.config.algorithm
         if not algo.filter_groups:
             return trajectories, rewards
         k = algo.samples_per_task
-        rows = [g * k + i for g in informative_groups(rewards, k, algo.tasks_per_step) for i in range(k)]
+        rows = [g * k + i for g in informative[:algo.tasks_per_step] for i in range(k)]
         return [trajectories[r] for r in rows], [rewards[r] for r in rows]
 
     def _update(self, trajectories: list, rewards: list) -> dict[str, float]:
