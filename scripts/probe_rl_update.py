@@ -14,6 +14,7 @@ import collections
 import json
 import os
 import socket
+from pathlib import Path
 
 import torch
 
@@ -28,7 +29,7 @@ from k2rl.rollout import Trajectory
 
 def mixed_groups(path: str, limit: int) -> list[list[Trajectory]]:
     groups = collections.defaultdict(list)
-    for line in open(path):
+    for line in Path(path).read_text().splitlines():
         t = Trajectory.from_dict(json.loads(line))
         groups[t.task_id].append(t)
     mixed = [g for g in groups.values() if len({t.success for t in g}) > 1]
@@ -67,17 +68,18 @@ def main() -> None:
     batch = trajectory_batch(trajectories, adv.tolist())
     objective = Objective(algo)
 
-    def sequence_logprobs() -> torch.Tensor:
-        return torch.stack([(lp * m).sum() for lp, m in zip(engine.logprobs(batch), masks)])
+    def sequence_logprobs(token_logprobs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([(lp * m).sum() for lp, m in zip(token_logprobs, masks)])
 
-    before = sequence_logprobs()
+    old = engine.logprobs(batch)
+    before = sequence_logprobs(old)
     if algo.epochs_per_step > 1:  # as the trainer does: later epochs measure their ratio against these
-        batch.token_data["old_logprobs"] = engine.logprobs(batch)
+        batch.token_data["old_logprobs"] = old
     print(f"{len(groups)} mixed groups x {k} samples, {int(success.sum())} successful; {job.optimizer.name} lr "
           f"{job.optimizer.lr}, {algo.name} tau {algo.tau}, {algo.epochs_per_step} update(s) on the batch")
     for epoch in range(1, algo.epochs_per_step + 1):
         engine.train_step(batch, objective)
-        change = sequence_logprobs() - before
+        change = sequence_logprobs(engine.logprobs(batch)) - before
         corr = float(torch.corrcoef(torch.stack([adv, change]))[0, 1])
         print(f"update {epoch}: sequence logprob change, successful {float(change[success].mean()):+.3f}, "
               f"failed {float(change[~success].mean()):+.3f} nats; corr(advantage, change) {corr:+.3f}")
