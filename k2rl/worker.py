@@ -180,9 +180,9 @@ class Worker:
             return self.train.reference_logprobs(batch)
 
     @requires(Phase.TRAIN)
-    def save_checkpoint(self, out_dir: str) -> None:
+    def save_checkpoint(self, out_dir: str, training_state: bool = True) -> None:
         with self._timed("time/save"):
-            self.train.save_checkpoint(out_dir)
+            self.train.save_checkpoint(out_dir, training_state)
 
     @requires(Phase.TRAIN)
     def load_checkpoint(self, ckpt_dir: str) -> None:
@@ -314,8 +314,8 @@ class WorkerGroup:
             out[i::self.num_workers] = part
         return out
 
-    def save_checkpoint(self, out_dir) -> None:
-        self._call("save_checkpoint", str(out_dir))
+    def save_checkpoint(self, out_dir, training_state: bool = True) -> None:
+        self._call("save_checkpoint", str(out_dir), training_state)
 
     def load_checkpoint(self, ckpt_dir) -> None:
         self._call("load_checkpoint", str(ckpt_dir))

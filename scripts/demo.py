@@ -3,7 +3,7 @@ oracle's dialogs, then RL with K2's objective on 2 colocated workers; greedy hel
 by task kind, beside the model-free baselines on the same tasks.
 
     python scripts/demo.py [--seed N] [--sft-steps N] [--rl-steps N] [--eval-tasks N] [--out DIR]
-    python scripts/demo.py --gpu --prune-sft   # k2-mini on one GPU: configs/gpu-demo-sft.yaml, configs/gpu-demo-rl.yaml
+    python scripts/demo.py --gpu   # k2-mini on one GPU: configs/gpu-demo-sft.yaml, configs/gpu-demo-rl.yaml
     python scripts/demo.py --resume   # after an interruption: finished stages kept, the other continued
 
 Runs land in OUT/demo-sft-sSEED and OUT/demo-rl-sSEED (metrics.jsonl, plots/, rollouts/ with the
@@ -108,9 +108,6 @@ def main() -> None:
     parser.add_argument("--out", default="runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for both stages, e.g. schedule.keep_checkpoints=1 (repeatable)")
-    parser.add_argument("--prune-sft", action="store_true",
-                        help="drop the finished SFT checkpoint's training state before RL, which needs only its "
-                             "weights (k2-mini: ~25 of ~35 GB; the SFT stage can then no longer be continued)")
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted stages from their last checkpoint; keep finished ones")
     args = parser.parse_args()
@@ -121,9 +118,6 @@ def main() -> None:
     sft_steps = [f"schedule.steps={args.sft_steps}"] if args.sft_steps else []
     train(Path(args.out) / sft, sft_config, *common, f"run.name={sft}", *sft_steps, resume=args.resume)
     sft_model = RunDir(Path(args.out) / sft).latest() / "model"
-    if args.prune_sft and (sft_model / "deepspeed").exists():
-        shutil.rmtree(sft_model / "deepspeed")
-        print(f"{sft}: training state dropped (--prune-sft), weights kept", flush=True)
     rl_steps = [f"schedule.steps={args.rl_steps}"] if args.rl_steps else []
     train(Path(args.out) / rl, rl_config, *common, f"run.name={rl}", f"model.path={sft_model}", *rl_steps,
           f"env.eval_tasks={args.eval_tasks}", resume=args.resume)

@@ -94,10 +94,16 @@ def test_sigterm_checkpoints_then_exits(tiny_model_dir, tmp_path):
 
 def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     steps = ["schedule.steps=3", "schedule.checkpoint_every=1", "workers.num_workers=1",
-             "algorithm.ptx_coef=0.5", "algorithm.ptx_dataset=oracle"]  # PTX draws training tasks too
+             "algorithm.ptx_coef=0.5", "algorithm.ptx_dataset=oracle",  # PTX draws training tasks too
+             "schedule.final_training_state=false"]
     straight = _run(_cmd(tmp_path, "straight", tiny_model_dir, *steps))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert all(r["loss/ptx"] > 0 for r in _metrics(tmp_path / "straight")[1:])
+    checkpoints = tmp_path / "straight" / "checkpoints"  # only the finished run's last one is weights only
+    assert (checkpoints / "step_2" / "model" / "deepspeed").is_dir()
+    assert not (checkpoints / "step_3" / "model" / "deepspeed").exists()
+    finished = _run([sys.executable, "-m", "k2rl.cli", "train", "--resume", str(tmp_path / "straight")])
+    assert finished.returncode != 0 and f"model.path={checkpoints / 'step_3' / 'model'}" in finished.stderr
 
     proc = subprocess.Popen(_cmd(tmp_path, "killed", tiny_model_dir, *steps), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -347,8 +347,9 @@ class TrainEngine:
             raise RuntimeError(f"TrainEngine.{op} while offloaded: call reload() first")
 
     # ---- checkpoints -----------------------------------------------------------------------------
-    def save_checkpoint(self, out_dir) -> None:
-        """`out_dir`: the model in HF layout (loadable by vLLM and `load_model`) + `deepspeed/` state."""
+    def save_checkpoint(self, out_dir, training_state: bool = True) -> None:
+        """`out_dir`: the model in HF layout (loadable by vLLM and `load_model`) + `deepspeed/` state
+        (optimizer, fp32 master weights) unless `training_state` is off."""
         self._require_loaded("save_checkpoint")
         out_dir = Path(out_dir)
         named = (pair for bucket in self.export_weights(self.job.rollout.weight_bucket_bytes) for pair in bucket)
@@ -361,7 +362,8 @@ class TrainEngine:
         else:
             for _ in named:  # take part in the collective gathers
                 pass
-        self.engine.save_checkpoint(str(out_dir / "deepspeed"), tag="state")
+        if training_state:
+            self.engine.save_checkpoint(str(out_dir / "deepspeed"), tag="state")
         dist.barrier()
 
     def load_checkpoint(self, ckpt_dir) -> None:

@@ -28,6 +28,7 @@ from k2rl.model.chat import ChatTokenizer
 from k2rl.rewards.judge import make_judge
 from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize
 from k2rl.rollout.baselines import baselines_for
+from k2rl.validation import ValidationFailed
 from k2rl.algo import temperature_at
 
 
@@ -194,12 +195,14 @@ class Trainer:
         self.run_dir.write_rollouts(f"step_{self.step}", records)
 
     def checkpoint(self) -> Path:
+        schedule = self.config.schedule
+        training_state = schedule.final_training_state or self.step < schedule.steps
         tmp = self.run_dir.begin_checkpoint(self.step)
         self.group.to_train()  # the trainer holds the weights and optimizer state
-        self.group.save_checkpoint(str(tmp / "model"))
+        self.group.save_checkpoint(str(tmp / "model"), training_state)
         save_rng_state(tmp / "rng.pt")
-        return self.run_dir.commit_checkpoint(self.step, tmp, {"step": self.step, "cursor": self.tasks.cursor},
-                                              self.config.schedule.keep_checkpoints)
+        state = {"step": self.step, "cursor": self.tasks.cursor, "training_state": training_state}
+        return self.run_dir.commit_checkpoint(self.step, tmp, state, schedule.keep_checkpoints)
 
     def _request_stop(self, signum, _frame) -> None:
         self.stop_requested = True
@@ -256,5 +259,9 @@ def restore(run_dir: RunDir) -> tuple[int, int, Path] | None:
     if found is None:
         return None
     latest, state = found
+    if not state.get("training_state", True):
+        raise ValidationFailed(f"{latest} holds the weights only (the run finished with schedule.final_training_state="
+                         f"false), so the run cannot be continued; start a new run from them with "
+                         f"--set model.path={latest / 'model'}")
     load_rng_state(latest / "rng.pt")
     return state["step"], state["cursor"], latest
