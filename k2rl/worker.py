@@ -24,7 +24,6 @@ import dataclasses
 import enum
 import functools
 import os
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +34,7 @@ from k2rl.config import JobConfig
 from k2rl.engines.rollout import RolloutEngine
 from k2rl.engines.train import LossFn, TrainEngine
 from k2rl.engines.types import Generation, SamplingConfig, TokenBatch, is_routed_expert
+from k2rl.engines.world import free_port
 
 # Environment the actors need before importing vLLM / DeepSpeed (see PLATFORM.md).
 # Ray marks a node dead after health_check_failure_threshold (5) missed checks every
@@ -86,9 +86,7 @@ class Worker:
         may resolve to a loopback address) and a port free on this node: rank 0 hosts the rendezvous."""
         import ray
 
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return ray.util.get_node_ip_address(), s.getsockname()[1]
+        return ray.util.get_node_ip_address(), free_port("")
 
     def location(self) -> tuple[int, str, str]:
         """(pid, node IP, Ray node id): what a failure report names."""

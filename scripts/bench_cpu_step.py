@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import socket
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ import k2rl.engines.train  # noqa: E402
 import k2rl.model.attention  # noqa: E402
 import k2rl.optim  # noqa: E402
 from k2rl.config import load_config  # noqa: E402
+from k2rl.engines.world import single_rank_world  # noqa: E402
 from k2rl.env.factory import EnvFactory  # noqa: E402
 from k2rl.loop.data import sft_batch  # noqa: E402
 from k2rl.loop.objective import Objective  # noqa: E402
@@ -131,10 +131,7 @@ def main() -> None:
     parser.add_argument("--math-attention", action="store_true", help="with --profile: on SDPA's math kernel")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single_rank_world()
 
     job = load_config(CONFIG)
     model_dir = make_model(job.model.preset, tempfile.mkdtemp(prefix="k2-tiny-"), seed=0)

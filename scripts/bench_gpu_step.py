@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -267,15 +266,14 @@ def print_figures(out: dict, json_path: str | None) -> None:
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
     """Fills `out` as it goes, so a failure late in the run still reports what was measured."""
     from k2rl.engines.types import SamplingConfig, completion_batch, concat_batches
+    from k2rl.engines.world import free_port
     from k2rl.worker import Worker
 
     out["memory/start"] = used_gib()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     worker = Worker(0, 1)
-    _, out["time/setup"] = timed(lambda: worker.setup(str(model_dir), job.model_dump(mode="json"), ("127.0.0.1", port)))
+    master = ("127.0.0.1", free_port())
+    _, out["time/setup"] = timed(lambda: worker.setup(str(model_dir), job.model_dump(mode="json"), master))
     out.update({k: v for k, v in worker.stats().items() if k.startswith("time/")})
     out["memory/rollout"] = used_gib()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from k2rl.engines.rollout import RolloutEngine  # noqa: E402
 from k2rl.engines.train import TrainEngine  # noqa: E402
 from k2rl.engines.expert_copy import copy_experts  # noqa: E402
 from k2rl.engines.types import is_routed_expert  # noqa: E402
+from k2rl.engines.world import single_rank_world  # noqa: E402
 from k2rl.model.build import make_model  # noqa: E402
 from k2rl.model.checkpoint import save_model  # noqa: E402
 from k2rl.model.modeling import build_model  # noqa: E402
@@ -113,10 +113,7 @@ def main() -> None:
     parser.add_argument("--bucket-mb", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single_rank_world()
     with tempfile.TemporaryDirectory() as tmp:
         for name, model_dir in write_models(Path(tmp)).items():
             bench(name, model_dir, args.bucket_mb << 20, args.repeats)

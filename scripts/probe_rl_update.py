@@ -12,14 +12,13 @@ them; `--set` tries another lr, tau or epoch count without a run.
 import argparse
 import collections
 import json
-import os
-import socket
 from pathlib import Path
 
 import torch
 
 from k2rl.config import load_config
 from k2rl.engines.train import TrainEngine
+from k2rl.engines.world import single_rank_world
 from k2rl.loop.data import trajectory_batch
 from k2rl.loop.objective import Objective
 from k2rl.loop.scoring import advantages
@@ -47,10 +46,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=16, help="mixed groups in the batch")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single_rank_world()
 
     job = load_config(args.config, args.overrides)
     algo = job.algorithm

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from k2rl.engines.world import free_port, single_rank_world
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,14 +59,6 @@ def gpu_model_dir(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir, tmp_path_factory):
     """vLLM's OpenAI-compatible server for k2-tiny on a free loopback port; yields its base_url
@@ -77,7 +71,7 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm-server") / "server.log"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096",
@@ -112,13 +106,8 @@ def vllm_server(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def world_of_one():
     """The torch.distributed environment of a single-rank DeepSpeed world on a free loopback port."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     _no_process_group()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    single_rank_world()
     yield
     _no_process_group()
 

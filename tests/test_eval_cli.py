@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from k2rl.cli import main
+from k2rl.engines.world import free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -67,9 +67,7 @@ def test_eval_reports_bad_env_name(capsys):
 @pytest.mark.slow
 def test_eval_against_an_openai_compatible_server(tiny_model_dir, tmp_path):
     """vLLM's OpenAI server on k2-tiny: ids and logprobs come back exactly over HTTP."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
          "--dtype", "float32", "--enforce-eager", "--max-model-len", "2048", "--kv-cache-memory-bytes",

@@ -2,12 +2,12 @@
 between the ranks and QK-Clip max-reduces the logits, yet both ranks end with identical weights that
 match one process training on the whole batch."""
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
 from k2rl.config import OptimizerConfig
+from k2rl.engines.world import free_port
 from k2rl.model.checkpoint import load_model
 from k2rl.optim import apply_qk_clip, build_optimizer
 from k2rl.optim.batched import ns_cost, rank_rows, row_plan
@@ -55,14 +55,8 @@ def _single_process(model_dir):
     return model
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_identical_and_match_single_process(tiny_model_dir, tmp_path):
-    mp.spawn(_rank_main, args=(_free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=WORLD)
+    mp.spawn(_rank_main, args=(free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert ranks[0]["clipped"] > 0  # the max-logit all-reduce and the clip ran
     start = dict(load_model(tiny_model_dir, torch.float32).named_parameters())

@@ -10,7 +10,6 @@ weights would drift from ZeRO 0). A checkpoint round trip (with an offload/reloa
 restore the sharded momentum: the step after loading equals the step after saving.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from conftest import nll
 
 from k2rl.config import JobConfig
 from k2rl.engines.train import TokenBatch, TrainEngine
+from k2rl.engines.world import free_port
 from k2rl.model.modeling import to_checkpoint_names
 from k2rl.optim import apply_qk_clip
 
@@ -91,15 +91,9 @@ def _rank_main(rank, world, port, model_dir, out_dir, stages):
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world,stages", [(2, (0, 1, 2, 3)), (4, (0, 1, 3))], ids=["2ranks", "4ranks"])
 def test_sharded_muonclip_matches_zero0(world, stages, tiny_model_dir, tmp_path):
-    mp.spawn(_rank_main, args=(world, _free_port(), str(tiny_model_dir), str(tmp_path), stages), nprocs=world)
+    mp.spawn(_rank_main, args=(world, free_port(), str(tiny_model_dir), str(tmp_path), stages), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     ref = ranks[0][0]
     assert sum(ref["clipped"]) > 0 and any(bool((f < 1).any()) for f in ref["factors"].values())

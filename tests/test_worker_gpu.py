@@ -2,13 +2,13 @@
 master weights, routing replay): a TRAIN/ROLLOUT round trip without an update keeps outputs and
 logprobs identical, after a train step + sync vLLM and the trainer agree on the sampled tokens, and
 replaying vLLM's routing does not widen the gap (on k2-mini it closes it: scripts/gpu_gap.py)."""
-import socket
 
 import pytest
 import torch
 
 from k2rl.config import JobConfig
 from k2rl.engines.types import ROUTED_EXPERTS, SamplingConfig, completion_batch
+from k2rl.engines.world import free_port
 
 pytestmark = pytest.mark.gpu
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [100, 200, 300, 400, 500], [42, 43]] * 4
@@ -27,11 +27,8 @@ def worker(gpu_model_dir):
 
     job = JobConfig(model={"dtype": "bfloat16"}, optimizer={"name": "muonclip", "lr": 2e-2}, train={"zero_stage": 0},
                     rollout={"max_model_len": 512, "kv_cache_memory_bytes": 1 << 30, "routing_replay": True})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     w = Worker(0, 1)
-    w.setup(str(gpu_model_dir), job.model_dump(mode="json"), ("127.0.0.1", port))
+    w.setup(str(gpu_model_dir), job.model_dump(mode="json"), ("127.0.0.1", free_port()))
     return w
 
 
