@@ -1,8 +1,11 @@
 #!/bin/bash
 # The GPU checks of issue 12 on the device machine, from an unpacked site (PLATFORM.md, "vLLM on the
-# GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis.
-#   bash scripts/gpu_check.sh [tests|bench|gap|all] [LOG_DIR]     (default: all, logs in $OUT or ./gpu-logs)
-# Each part fits one 10-minute device call; the k2-mini model is built once per machine (/tmp/k2-mini).
+# GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis;
+# or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics and held-out
+# dialogs copied to LOG_DIR.
+#   bash scripts/gpu_check.sh [tests|bench|gap|all|demo] [LOG_DIR] [demo.py options]
+# (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
+# model is built once per machine (/tmp/k2-mini).
 set -uo pipefail
 PART=${1:-all}
 LOGS=${2:-${OUT:-gpu-logs}}
@@ -36,5 +39,16 @@ if [[ $PART == gap || $PART == all ]]; then
   build_model
   python3 scripts/gpu_gap.py $MODEL > "$LOGS/gap.log" 2>&1 || status=1
   grep -E "^\[|^layer|Error|error" "$LOGS/gap.log" | tail -40
+fi
+if [[ $PART == demo ]]; then
+  python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
+    | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log" || status=1
+  for run in /tmp/gpu-demo/demo-*; do
+    [ -d "$run" ] || continue
+    mkdir -p "$LOGS/$(basename "$run")"
+    cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$LOGS/$(basename "$run")/" 2>/dev/null
+  done
+  cp /tmp/gpu-demo/demo-s*.json "$LOGS/" 2>/dev/null
+  grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi
 exit $status
