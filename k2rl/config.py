@@ -124,6 +124,10 @@ class AlgorithmConfig(Section):
     epochs_per_step: int = Field(1, ge=1)
     filter_groups: bool = Field(False, description="train only on groups whose rewards differ (DAPO's dynamic sampling): an all-equal group has no advantage and only dilutes the token-mean loss")
     oversample: float = Field(1.0, ge=1, description="with filter_groups: roll out oversample x tasks_per_step tasks, train on up to tasks_per_step informative groups")
+    task_sampling: Literal["uniform", "prioritized"] = Field(
+        "uniform", description="prioritized: draw each task type in proportion to the chance that its K samples "
+        "disagree at its recent success rate in this run (Kimi k1.5's prioritized sampling, per type; "
+        "k2rl/loop/priority.py)")
     max_new_tokens: int = Field(256, gt=0, description="per assistant turn")
     temperature: TemperatureSchedule = TemperatureSchedule()
 

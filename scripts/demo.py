@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from k2rl.config import load_config
+from k2rl.env.kinds import task_type
 from k2rl.loop.run_dir import RunDir
 
 CONFIGS = {"cpu": ("configs/demo-sft.yaml", "configs/tiny-cpu.yaml"),
@@ -79,7 +80,7 @@ def by_task_type(episodes_file: Path) -> dict[str, list[int]]:
     counts: dict[str, list[int]] = {}
     for line in episodes_file.read_text().splitlines():
         episode = json.loads(line)
-        row = counts.setdefault(episode["tags"][0] if episode["tags"] else "-", [0, 0, 0])
+        row = counts.setdefault(task_type(episode["tags"]), [0, 0, 0])
         row[0] += bool(episode["success"])
         row[1] += 1
         row[2] += bool(episode["wrong_refusal"])

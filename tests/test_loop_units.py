@@ -12,6 +12,7 @@ from k2rl.env.environment import CheckResult
 from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import encode_sft_example
 from k2rl.loop.objective import Objective
+from k2rl.loop.priority import DECAY, FLOOR, TypePriority
 from k2rl.loop.run_dir import RunDir
 from k2rl.loop.scoring import advantages, informative_groups, score
 from k2rl.loop.tasks import TaskStream
@@ -87,6 +88,37 @@ def test_task_stream_resumes_at_its_cursor():
     resumed = TaskStream(factory, seed=7, cursor=5)
     assert [t.id for t in resumed.next(3)] == seen[5:]
     assert len(set(seen)) == 8
+
+
+def test_type_priority_weighs_task_types_by_the_chance_their_groups_disagree():
+    priority = TypePriority(samples_per_task=4)
+    assert priority.weight("status") == 1.0  # not seen yet
+    priority.update([_trajectory(i < 2, task="s", sample=i) for i in range(4)])
+    assert priority.success == {"-": 0.5}  # untagged tasks are one type
+    priority = TypePriority(4, {"status": 0.5, "cancel": 1.0, "never": 0.0})
+    assert priority.weight("status") == pytest.approx(1 - 2 * 0.5 ** 4)
+    assert priority.weight("cancel") == priority.weight("never") == FLOOR
+    solved = [_trajectory(True, task="c", sample=i) for i in range(4)]
+    for t in solved:
+        t.tags = ["status"]
+    priority.update(solved)  # an exponential average: the last step counts 1 - DECAY
+    assert priority.success["status"] == pytest.approx(0.5 * DECAY + 1.0 * (1 - DECAY))
+    assert set(priority.metrics()) == {"tasks/weight/status", "tasks/weight/cancel", "tasks/weight/never"}
+
+
+def test_prioritized_stream_draws_task_types_by_weight_and_resumes_at_its_cursor():
+    factory = EnvFactory(EnvConfig(name="shop"))
+    solved = {type_: 1.0 for type_ in ("cancel", "cancel_ask", "refund", "drop", "cancel_shipped", "sold_out")}
+    priority = TypePriority(4, solved)  # only buy_one, buy_two, status (and off_topic) keep weight 1
+    first = TaskStream(factory, seed=7)
+    drawn = first.next(60, priority)
+    uniform = TaskStream(factory, seed=7).next(60)
+    share = lambda tasks: sum(t.tags[0] in solved for t in tasks) / len(tasks)
+    assert share(uniform) > 0.5 and share(drawn) < 0.15
+    assert first.cursor > 60  # the skipped tasks are used up
+    cursor = first.cursor
+    later = first.next(10, priority)
+    assert [t.id for t in TaskStream(factory, seed=7, cursor=cursor).next(10, priority)] == [t.id for t in later]
 
 
 def test_checkpoints_commit_atomically_and_rotate(tmp_path):

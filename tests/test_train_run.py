@@ -137,9 +137,13 @@ def test_group_filter_rolls_out_extra_tasks_and_trains_on_informative_groups(tin
     update (no train/* figures) rather than training on zero advantages (the random tiny model's groups
     all fail alike; tests/test_loop_units.py picks groups from mixed outcomes)."""
     done = _run(_cmd(tmp_path, "filtered", tiny_model_dir, "schedule.steps=2", "schedule.eval_every=0",
-                     "algorithm.filter_groups=true", "algorithm.oversample=2", "algorithm.temperature.start=1.5"))
+                     "algorithm.filter_groups=true", "algorithm.oversample=2", "algorithm.temperature.start=1.5",
+                     "algorithm.task_sampling=prioritized"))
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "filtered"
+    state = json.loads((run / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+    weights = {k for k in _metrics(run)[-1] if k.startswith("tasks/weight/")}
+    assert weights == {f"tasks/weight/{t}" for t in state["type_success"]} != set()  # a resumed run goes on from these
     for row in _metrics(run)[1:]:
         saved = [json.loads(line) for line in (run / "rollouts" / f"step_{row['step'] - 1}.jsonl").read_text().splitlines()]
         assert len(saved) == 4 * 2  # 2 tasks x oversample 2, 2 samples each

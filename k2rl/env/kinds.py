@@ -21,6 +21,11 @@ def task_kind(tags: list[str]) -> Kind:
     return "refuse" if REFUSE_TAG in tags else "action"
 
 
+def task_type(tags: list[str]) -> str:
+    """A task's type (its scenario: buy_one, status, ...), finer than its kind: the first tag, "-" if none."""
+    return tags[0] if tags else "-"
+
+
 def reads_as_refusal(text: str) -> bool:
     lowered = text.lower()
     return any(word in lowered for word in REFUSAL_WORDS)

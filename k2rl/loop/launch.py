@@ -31,13 +31,13 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
     from k2rl.worker import WorkerGroup
 
     run_dir = RunDir(resume_dir or config.run_dir)
-    start_step, cursor, model_dir, ckpt = 0, 0, None, None
+    state, model_dir, ckpt = None, None, None
     reference_dir = None
     if resume_dir is not None:
         restored = restore(run_dir)
         if restored is None:
             raise FileNotFoundError(f"--resume {resume_dir}: no complete checkpoint under {run_dir.checkpoints}")
-        start_step, cursor, ckpt = restored
+        state, ckpt = restored
         model_dir = ckpt / "model"
     else:
         run_dir.create(config)
@@ -56,6 +56,6 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
         if ckpt is not None:  # weights came with model_dir; the optimizer state comes from here
             group.to_train()  # vLLM gets the weights when the run next rolls out
             group.load_checkpoint(str(ckpt / "model"))
-        return Trainer(config, group, model_dir, run_dir, start_step, cursor).run()
+        return Trainer(config, group, model_dir, run_dir, state).run()
     finally:
         group.shutdown()

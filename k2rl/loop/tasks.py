@@ -8,8 +8,11 @@ are impossible by construction for generated domains.
 """
 from __future__ import annotations
 
+import random
+
 from k2rl.env.factory import EnvFactory
 from k2rl.env.task import Task
+from k2rl.loop.priority import TypePriority
 
 CHUNK = 1024
 
@@ -19,7 +22,9 @@ class TaskStream:
         self.factory, self.seed, self.cursor = factory, seed, cursor
         self._chunk_index, self._chunk = -1, []
 
-    def next(self, count: int) -> list[Task]:
+    def next(self, count: int, priority: TypePriority | None = None) -> list[Task]:
+        """The next `count` tasks; with `priority`, each task in turn is kept with its type's weight
+        (the draw seeded by seed and cursor, so a resumed run keeps the same ones) and the rest skipped."""
         out = []
         while len(out) < count:
             index, offset = divmod(self.cursor, CHUNK)
@@ -28,7 +33,9 @@ class TaskStream:
                 self._chunk_index = index
                 if not self._chunk:
                     raise ValueError(f"environment {self.factory.env_cls.name!r} produced no tasks")
-            out.append(self._chunk[offset % len(self._chunk)])
+            task = self._chunk[offset % len(self._chunk)]
+            if priority is None or priority.accept(task.tags, random.Random(f"{self.seed}:{self.cursor}")):
+                out.append(task)
             self.cursor += 1
         return out
 

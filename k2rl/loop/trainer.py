@@ -20,6 +20,7 @@ from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
 from k2rl.loop.metrics import MetricsLog
 from k2rl.loop.objective import Objective
+from k2rl.loop.priority import TypePriority
 from k2rl.loop.progress import RunProgress
 from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
 from k2rl.loop.scoring import advantages, informative_groups, score
@@ -33,14 +34,17 @@ from k2rl.algo import temperature_at
 
 
 class Trainer:
-    def __init__(self, config: JobConfig, group, model_dir: str | Path, run_dir: RunDir, start_step: int = 0,
-                 cursor: int = 0):
+    def __init__(self, config: JobConfig, group, model_dir: str | Path, run_dir: RunDir, state: dict | None = None):
+        """`state`: a checkpoint's trainer state when resuming (step, task cursor, success per task type)."""
         self.config, self.group, self.run_dir = config, group, run_dir
+        state = state or {}
         self.model_dir = Path(model_dir)
         self.chat = ChatTokenizer(model_dir)
         self.make_env = EnvFactory(config.env)
-        self.step = start_step
-        self.tasks = TaskStream(self.make_env, config.env.train_seed, cursor)
+        self.step = state.get("step", 0)
+        self.tasks = TaskStream(self.make_env, config.env.train_seed, state.get("cursor", 0))
+        self.priority = (TypePriority(config.algorithm.samples_per_task, state.get("type_success"))
+                         if config.algorithm.task_sampling == "prioritized" else None)
         self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
         self.objective = Objective(config.algorithm)
         self.limits = Limits.from_config(config.env, config.algorithm.max_new_tokens, config.rollout.max_model_len)
@@ -48,7 +52,7 @@ class Trainer:
         algo = config.algorithm
         self.ptx = load_sft_file(algo.ptx_dataset, self.chat) if algo.ptx_coef > 0 and algo.ptx_dataset != "oracle" else []
         self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
-                                  resume_step=start_step if start_step else None)
+                                  resume_step=self.step or None)
         self.stop_requested = False
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -64,7 +68,7 @@ class Trainer:
         cfg = self.config
         algo = cfg.algorithm
         temperature = temperature_at(self.step, algo.temperature)
-        tasks = self.tasks.next(math.ceil(algo.tasks_per_step * algo.oversample))
+        tasks = self.tasks.next(math.ceil(algo.tasks_per_step * algo.oversample), self.priority)
         t0 = time.perf_counter()
         self.group.to_rollout()  # the last update's weights go to vLLM
         t_switch = time.perf_counter()
@@ -73,6 +77,8 @@ class Trainer:
         rewards, reward_metrics = score(trajectories, {t.id: t.goal for t in tasks}, algo.samples_per_task,
                                         cfg.rewards.weights, self.judge)
         t_judge = time.perf_counter()
+        if self.priority is not None:
+            self.priority.update(trajectories)
         informative = informative_groups(rewards, algo.samples_per_task, len(tasks))  # all a group baseline learns from
         train_stats = self._update(*self._groups_to_train(trajectories, rewards, informative))
         reward_metrics["rollout/groups_trained"] = float(train_stats.pop("groups", 0))
@@ -88,7 +94,7 @@ class Trainer:
             "rollout/truncated_rate": summary["truncated_rate"],
             "rollout/env_failures": summary["env_failures"], "rollout/temperature": temperature,
             "rollout/length_tokens": sum(len(t.token_ids) for t in trajectories) / len(trajectories),
-            **_prefixed(train_stats), **self._worker_stats(),
+            **_prefixed(train_stats), **self._worker_stats(), **(self.priority.metrics() if self.priority else {}),
             "time/switch": t_switch - t0, "time/rollout": t_rollout - t_switch, "time/judge": t_judge - t_rollout,
             "time/step": t_end - t0, "perf/tokens_per_s": generated / max(t_rollout - t_switch, 1e-9),
         }
@@ -202,6 +208,8 @@ class Trainer:
         self.group.save_checkpoint(str(tmp / "model"), training_state)
         save_rng_state(tmp / "rng.pt")
         state = {"step": self.step, "cursor": self.tasks.cursor, "training_state": training_state}
+        if self.priority is not None:
+            state["type_success"] = self.priority.success
         return self.run_dir.commit_checkpoint(self.step, tmp, state, schedule.keep_checkpoints)
 
     def _request_stop(self, signum, _frame) -> None:
@@ -253,15 +261,15 @@ def _prefixed(train_stats: dict[str, float]) -> dict[str, float]:
     return {k if "/" in k else f"train/{k}": v for k, v in train_stats.items()}
 
 
-def restore(run_dir: RunDir) -> tuple[int, int, Path] | None:
-    """(step, cursor, checkpoint dir) of the latest complete checkpoint, RNG restored; None if none."""
+def restore(run_dir: RunDir) -> tuple[dict, Path] | None:
+    """(trainer state, checkpoint dir) of the latest complete checkpoint, RNG restored; None if none."""
     found = run_dir.latest_state()
     if found is None:
         return None
     latest, state = found
     if not state.get("training_state", True):
         raise ValidationFailed(f"{latest} holds the weights only (the run finished with schedule.final_training_state="
-                         f"false), so the run cannot be continued; start a new run from them with "
-                         f"--set model.path={latest / 'model'}")
+                               f"false), so the run cannot be continued; start a new run from them with "
+                               f"--set model.path={latest / 'model'}")
     load_rng_state(latest / "rng.pt")
-    return state["step"], state["cursor"], latest
+    return state, latest
