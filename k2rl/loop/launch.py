@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from k2rl.config import JobConfig
@@ -16,11 +18,12 @@ def initial_model(config: JobConfig, run_dir: RunDir) -> Path:
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model.path {path}: no config.json there; expected an HF-layout model directory")
         return path
-    from k2rl.model.build import make_model
-
     path = run_dir.path / "model_init"
     if not (path / "model.safetensors").exists() and not list(path.glob("model-*.safetensors")):
-        make_model(config.model.preset, path, seed=config.model.init_seed)
+        # In a child process: on a GPU machine it initialises on the GPU, and the driver holds none of it
+        cmd = [sys.executable, "-m", "k2rl.cli", "make-model", "--preset", config.model.preset, "--out", str(path),
+               "--seed", str(config.model.init_seed)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return path
 
 
