@@ -91,8 +91,9 @@ class OptimizerConfig(Section):
         "auto", description="Newton-Schulz precision. auto: float16 on a GPU (as fast as bf16 and 8x finer; inputs "
         "are normalized), float32 on the CPU (which has no fast fp16 matmul: 26x slower than fp32 on the CI machine)")
     zero_bucket_numel: int = Field(
-        1 << 28, ge=1, description="MuonClip under ZeRO 1-3: the most parameter elements whose update every rank "
-        "gathers whole at once for Newton-Schulz (fp32, plus the NS copy); a larger matrix stack goes alone")
+        1 << 28, ge=1, description="MuonClip under ZeRO 1-3: the most elements of whole matrices whose update every "
+        "rank gathers at once for Newton-Schulz (fp32, plus the NS copy); a fused expert stack comes a run of "
+        "experts at a time, a larger single matrix alone")
     qk_clip: bool = True
     qk_clip_tau: float = Field(100.0, gt=0, description="QK-Clip threshold on each head's max pre-softmax logit (K2: 100)")
     warmup_steps: int = Field(0, ge=0)

@@ -4,11 +4,13 @@ two and four CPU ranks (gloo) against ZeRO 0 in the same processes, on k2-tiny.
 Each rank trains the same data shard under every stage; afterwards the weights must match ZeRO 0
 (fp tolerance: only the order of the gradient sums differs), be identical on every rank, and each
 rank's optimizer state must be ~1/N of ZeRO 0's (the updates gathered whole a bucket of matrices at a
-time, several buckets here). QK-Clip must scale the same rows by the same
+time, several buckets here; with a bucket under one fused expert stack, a stack comes a few experts at
+a time and no gather returns more than the bucket). QK-Clip must scale the same rows by the same
 factors, and keep doing so on the master partitions (else the next step would undo it and the
 weights would drift from ZeRO 0). A checkpoint round trip (with an offload/reload in between) must
 restore the sharded momentum: the step after loading equals the step after saving.
 """
+import math
 import os
 
 import pytest
@@ -21,11 +23,15 @@ from k2rl.engines.train import TokenBatch, TrainEngine
 from k2rl.engines.world import free_port
 from k2rl.model.modeling import to_checkpoint_names
 from k2rl.optim import apply_qk_clip
+from k2rl.optim.zero_layout import ShardLayout, Unit
 
 STEPS, SEQS_PER_RANK, SEQ_LEN = 3, 2, 16
 # fp32 NS, so the stages differ by rounding only; tau well under the max logits of k2-tiny on random tokens.
 BUCKET_NUMEL = 300_000  # k2-tiny's Muon matrices: 1.3 M elements, the largest stacks 131 k: several buckets
-OPTIMIZER = dict(name="muonclip", lr=2e-3, ns_dtype="float32", qk_clip_tau=0.05, zero_bucket_numel=BUCKET_NUMEL)
+# Under a gate_up stack (8 x 128 x 128 = 131 k, an expert 16 k) and down (8 x 128 x 64 = 65 k, an expert
+# 8 k): stacks come a few experts at a time; kv_a_proj (73 k) and kv_b_proj (131 k) each go alone.
+SPLIT_BUCKET_NUMEL = 50_000
+OPTIMIZER = dict(name="muonclip", lr=2e-3, ns_dtype="float32", qk_clip_tau=0.05)
 QK_ROWS = ("self_attn.q_b_proj.weight", "self_attn.kv_b_proj.weight")
 
 
@@ -56,25 +62,83 @@ def _clip_factors(engine: TrainEngine, batch: TokenBatch) -> dict[str, torch.Ten
     return {n: (after[n] / before[n]).mean(dim=1) for n in before if n.endswith(QK_ROWS)}
 
 
-def _rank_main(rank, world, port, model_dir, out_dir, stages):
+def assert_buckets(layout: ShardLayout, max_numel: int) -> list[list[Unit]]:
+    """`layout.buckets(max_numel)` holds every matrix of every parameter once, in order, in units of whole
+    matrices, and a bucket at most `max_numel` elements unless it is one matrix."""
+    buckets = layout.buckets(max_numel)
+    matrix = [math.prod(shape[-2:]) for shape in layout.shapes]
+    units = [unit for run in buckets for unit in run]
+    assert all(u.start < u.end and u.start % matrix[u.index] == 0 == u.end % matrix[u.index] for u in units)
+    assert [(u.index, e) for u in units for e in range(u.start, u.end, matrix[u.index])] == [
+        (i, e) for i, shape in enumerate(layout.shapes) for e in range(0, math.prod(shape), matrix[i])]
+    for run in buckets:
+        size = sum(u.end - u.start for u in run)
+        assert size <= max_numel or (len(run) == 1 and size == matrix[run[0].index]), run
+    return buckets
+
+
+def _hand_layout(shapes: list[tuple[int, ...]]) -> ShardLayout:
+    """A layout to plan buckets on (no pieces: `buckets` reads only the shapes)."""
+    return ShardLayout([torch.empty(0) for _ in shapes], [torch.Size(s) for s in shapes], 0,
+                       [[[] for _ in shapes]], None, 0)
+
+
+def test_buckets_cut_stacks_between_experts():
+    layout = _hand_layout([(7, 3), (4, 6, 5), (2, 10, 10), (3, 4, 4)])
+    assert assert_buckets(layout, 70) == [
+        [Unit(0, 0, 21), Unit(1, 0, 30)],  # the first expert of the stack fills the bucket
+        [Unit(1, 30, 90)], [Unit(1, 90, 120)],
+        [Unit(2, 0, 100)], [Unit(2, 100, 200)],  # matrices over the bucket: one each
+        [Unit(3, 0, 48)]]
+    for max_numel in (1, 16, 29, 30, 61, 200, 10_000):
+        assert_buckets(layout, max_numel)
+    assert assert_buckets(layout, 10_000) == [[Unit(0, 0, 21), Unit(1, 0, 120), Unit(2, 0, 200), Unit(3, 0, 48)]]
+
+
+def test_buckets_of_a_k2_moe_layer_hold_nine_gate_up_experts():
+    """K2's fused stacks ([384, 2 x 2048, 7168] gate_up: 11.3 G elements) at the default 2^28-element
+    bucket: 9 experts (264 M elements) a bucket, never the whole stack."""
+    layout = _hand_layout([(384, 4096, 7168), (384, 7168, 2048)])
+    buckets = assert_buckets(layout, 1 << 28)
+    expert = 4096 * 7168
+    assert buckets[0] == [Unit(0, 0, 9 * expert)]
+    assert max(sum(u.end - u.start for u in run) for run in buckets) <= 1 << 28
+
+
+def _recording(gather, sizes: list[tuple[int, int]]):
+    """`ShardLayout.gather` that appends (elements, matrices) of everything it brings to `sizes`."""
+    def recorded(local, units):
+        out = gather(local, units)
+        sizes.append((sum(t.numel() for t in out), sum(t.shape[0] for t in out)))
+        return out
+    return recorded
+
+
+def _rank_main(rank, world, port, model_dir, out_dir, stages, bucket):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
     results = {}
     for stage in stages:
-        engine = TrainEngine(model_dir, JobConfig(optimizer=OPTIMIZER, train={"zero_stage": stage}))
+        engine = TrainEngine(model_dir, JobConfig(optimizer=dict(OPTIMIZER, zero_bucket_numel=bucket),
+                                                  train={"zero_stage": stage}))
         vocab = engine.model.config.vocab_size
-        for _, layout in engine.client_optimizer.partitions.values():  # ZeRO 1-3: whole matrices a bucket at a time
-            runs = [[layout.shapes[i].numel() for i in run] for run in layout.buckets(BUCKET_NUMEL)]
-            assert sorted(i for run in layout.buckets(BUCKET_NUMEL) for i in run) == list(range(len(layout.shapes)))
-            assert all(sum(run) <= BUCKET_NUMEL or len(run) == 1 for run in runs)
+        layouts = [layout for _, layout in engine.client_optimizer.partitions.values()]
+        gathered = []  # (elements, matrices) of every gather: ZeRO 1-3, whole matrices a bucket at a time
+        for layout in layouts:
+            assert_buckets(layout, bucket)
+            layout.gather = _recording(layout.gather, gathered)
         if stage:
-            assert max(len(layout.buckets(BUCKET_NUMEL)) for _, layout in engine.client_optimizer.partitions.values()) > 1
+            assert max(len(layout.buckets(bucket)) for layout in layouts) > 1
+        if stage and bucket == SPLIT_BUCKET_NUMEL:
+            assert any(u.end - u.start < math.prod(layout.shapes[u.index])
+                       for layout in layouts for run in layout.buckets(bucket) for u in run), "no stack split"
         factors = _clip_factors(engine, _batch(world, 100, vocab).shard(rank, world))
         clipped = [engine.train_step(_batch(world, s, vocab).shard(rank, world), nll)["attn/clipped_heads"]
                    for s in range(STEPS)]
         result = dict(factors=factors, clipped=clipped, weights=_weights(engine),
                       state_bytes=state_bytes(engine.client_optimizer))
+        assert bool(gathered) == bool(stage) and all(n <= bucket or k == 1 for n, k in gathered), (stage, gathered)
         # The fused stacks a direct expert copy reads (ZeRO-3: gathered one at a time) are the experts
         stacks = dict(to_checkpoint_names((n, t.clone()) for n, t in engine.expert_stacks()))
         assert stacks and all(torch.equal(t, result["weights"][n]) for n, t in stacks.items()), f"ZeRO {stage}"
@@ -91,9 +155,11 @@ def _rank_main(rank, world, port, model_dir, out_dir, stages):
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("world,stages", [(2, (0, 1, 2, 3)), (4, (0, 1, 3))], ids=["2ranks", "4ranks"])
-def test_sharded_muonclip_matches_zero0(world, stages, tiny_model_dir, tmp_path):
-    mp.spawn(_rank_main, args=(world, free_port(), str(tiny_model_dir), str(tmp_path), stages), nprocs=world)
+@pytest.mark.parametrize("world,stages,bucket", [(2, (0, 1, 2, 3), BUCKET_NUMEL), (4, (0, 1, 3), BUCKET_NUMEL),
+                                                  (2, (0, 1, 3), SPLIT_BUCKET_NUMEL)],
+                         ids=["2ranks", "4ranks", "2ranks-experts-split"])
+def test_sharded_muonclip_matches_zero0(world, stages, bucket, tiny_model_dir, tmp_path):
+    mp.spawn(_rank_main, args=(world, free_port(), str(tiny_model_dir), str(tmp_path), stages, bucket), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     ref = ranks[0][0]
     assert sum(ref["clipped"]) > 0 and any(bool((f < 1).any()) for f in ref["factors"].values())

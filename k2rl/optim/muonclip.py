@@ -9,10 +9,10 @@ DeepSpeed, any ZeRO stage, fp32 parameters (compute in bf16 through autocast if 
 - Stages 1/2/3: DeepSpeed hands `step()` flat fp32 partitions (1/N of the state per rank), and
   `attach_zero(ds_optimizer)` tells MuonClip which elements of which parameter each partition holds
   (`k2rl.optim.zero_layout`). The momentum stays in the partition (elementwise, 1/N); the Nesterov
-  update is all-gathered into whole matrices, `bucket_numel` elements of parameters at a time (what
-  bounds the transient whole-matrix memory on every rank), each matrix is orthogonalized once on one
-  rank (the same split as stage 0), and each rank keeps its own elements of the result for its
-  master partition.
+  update is all-gathered into whole matrices, `bucket_numel` elements at a time (what bounds the
+  transient whole-matrix memory on every rank; a fused expert stack comes a run of experts at a time),
+  each matrix is orthogonalized once on one rank (the same split as stage 0), and each rank keeps its
+  own elements of the result for its master partition.
   QK-Clip then scales the master partition too (`scale_weight`), or DeepSpeed would copy it back.
 - The parameters must be fp32: they are the master weights, and QK-Clip rescales them in place.
   DeepSpeed's bf16/fp16 wrappers would keep private fp32 copies that QK-Clip cannot see.
@@ -113,21 +113,21 @@ class MuonClip(torch.optim.Optimizer):
             p.view(-1, rows, p.shape[-1]).add_(o, alpha=-lr * rms_match_scale(rows, p.shape[-1]))
 
     def _sharded_muon_step(self, group: dict, flat: torch.Tensor, layout: ShardLayout) -> None:
-        """The same update on a ZeRO partition: momentum on this rank's elements, NS on whole matrices."""
+        """The same update on a ZeRO partition: momentum on this rank's elements, NS on whole matrices
+        gathered a bucket of `ShardLayout.buckets` units at a time."""
         mu, lr = group["momentum"], group["lr"]
         buf = self._state_tensor(flat, "momentum_buffer")
         buf.lerp_(flat.grad, 1 - mu)
         update = flat.grad.lerp(buf, mu) if group["nesterov"] else buf
         step = torch.zeros_like(flat)  # this rank's elements of the RMS-matched orthogonal update
-        for indices in layout.buckets(self.bucket_numel):
-            whole = layout.gather(update, indices)
-            rows = [self.matrix_rows[id(layout.params[i])] for i in indices]
+        for units in layout.buckets(self.bucket_numel):
+            whole = layout.gather(update, units)  # each unit's matrices [count, R, C]
+            rows = [self.matrix_rows[id(layout.params[unit.index])] for unit in units]
             matrices = [w.view(-1, r, w.shape[-1]) for w, r in zip(whole, rows)]
             orthogonal = orthogonalize_all(matrices, group["ns_steps"], self.ns_dtype, layout.group)
             del whole, matrices
-            scaled = [o.view(layout.shapes[i]).to(flat.dtype).mul_(rms_match_scale(r, layout.shapes[i][-1]))
-                      for o, r, i in zip(orthogonal, rows, indices)]
-            layout.local(scaled, indices, step)
+            scaled = [o.to(flat.dtype).mul_(rms_match_scale(r, o.shape[-1])) for o, r in zip(orthogonal, rows)]
+            layout.local(scaled, units, step)
         flat.mul_(1 - lr * group["weight_decay"]).add_(step, alpha=-lr)
 
     @torch.no_grad()

@@ -5,9 +5,14 @@ and give rank r the contiguous slice [r P, (r+1) P). ZeRO 3 partitions each para
 rank r holds elements [r c, (r+1) c) of every flattened parameter (c = ceil(numel / N), the last
 chunk zero-padded), and its flat partition is those chunks back to back. Either way every rank's
 partition has the same length L, and a `ShardLayout` says which of its elements belong to which
-parameter. MuonClip uses it to assemble whole matrices for Newton-Schulz, a bucket of parameters at a
-time (one all-gather of every rank's pieces of just those), and to take back its own part of the
-result; QK-Clip uses it to find the master-weight elements of a q/k projection row.
+parameter. MuonClip uses it to assemble whole matrices for Newton-Schulz a bucket at a time (one
+all-gather of every rank's pieces of just those), and to take back its own part of the result;
+QK-Clip uses it to find the master-weight elements of a q/k projection row.
+
+A bucket is a list of `Unit`s: each a contiguous element range of one parameter that covers whole
+matrices (the last two dims): all of a 2-D parameter, or a run of experts [e0, e1) of an [E, R, C]
+stack, elements [e0 R C, e1 R C). So a fused expert stack larger than the bucket is gathered a few
+experts at a time, never whole (though the all-gather's padding can be: see `gather`).
 """
 from __future__ import annotations
 
@@ -27,62 +32,88 @@ class Piece:
     offset: int
 
 
+@dataclass(frozen=True)
+class Unit:
+    """Elements [start, end) of flattened parameter `index`: whole matrices of it."""
+
+    index: int
+    start: int
+    end: int
+
+
 class ShardLayout:
     """One flat partition: its parameters (in the wrapper's order), their full shapes, and for every
     rank the pieces of each parameter that rank holds."""
 
     def __init__(self, params: list[torch.Tensor], shapes: list[torch.Size], length: int,
-                 pieces: list[list[list[Piece]]], group: dist.ProcessGroup | None):
-        self.params, self.shapes, self.length, self.group = params, shapes, length, group
+                 pieces: list[list[list[Piece]]], group: dist.ProcessGroup | None, rank: int):
+        self.params, self.shapes, self.length, self.group, self.rank = params, shapes, length, group, rank
         self.pieces = pieces  # pieces[rank][param index]
-        self.rank = dist.get_rank(group)
         self.index = {id(p): i for i, p in enumerate(params)}
 
-    def buckets(self, max_numel: int) -> list[list[int]]:
-        """Parameter indices in consecutive runs of at most `max_numel` elements in all (a larger
-        parameter alone): the units `gather` brings whole, so no rank ever holds more of the group."""
+    def buckets(self, max_numel: int) -> list[list[Unit]]:
+        """Every parameter's elements in order, in buckets of at most `max_numel` elements of whole
+        matrices (a larger matrix is a bucket alone): what `gather` brings at once, so no rank holds
+        more of the group's update whole. A stack is cut between experts where a bucket fills."""
         runs, size = [[]], 0
         for i, shape in enumerate(self.shapes):
-            numel = math.prod(shape)
-            if runs[-1] and size + numel > max_numel:
-                runs.append([])
-                size = 0
-            runs[-1].append(i)
-            size += numel
+            numel, matrix = math.prod(shape), math.prod(shape[-2:])
+            start = 0
+            while start < numel:
+                fits = (max_numel - size) // matrix * matrix
+                if fits <= 0 and runs[-1]:
+                    runs.append([])
+                    size = 0
+                    continue
+                end = min(numel, start + max(fits, matrix))
+                runs[-1].append(Unit(i, start, end))
+                size, start = size + end - start, end
         return runs if runs[-1] else []
 
-    def gather(self, local: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        """Parameters `indices` whole, in their full shapes, from every rank's partition (`local`: this
-        rank's, [L]). One all-gather of each rank's pieces of just those parameters, padded to the
-        largest rank's count."""
+    def gather(self, local: torch.Tensor, units: list[Unit]) -> list[torch.Tensor]:
+        """Each unit's elements from every rank's partition (`local`: this rank's, [L]), as its matrices
+        [count, R, C]. One all-gather of each rank's pieces of just those ranges, padded to the largest
+        rank's count: the receive buffer is N x that, about the bucket only when every rank holds an
+        equal share (ZeRO 3's whole parameters), up to N x it when one rank holds it all."""
         world = len(self.pieces)
-        counts = [sum(pc.end - pc.start for i in indices for pc in self.pieces[rank][i]) for rank in range(world)]
+        held = [[self._held(rank, unit) for unit in units] for rank in range(world)]  # [rank][unit] -> pieces
+        counts = [sum(pc.end - pc.start for pcs in row for pc in pcs) for row in held]
         mine = local.new_zeros(max(counts))
         pos = 0
-        for i in indices:
-            for pc in self.pieces[self.rank][i]:
+        for pcs in held[self.rank]:
+            for pc in pcs:
                 mine[pos:pos + pc.end - pc.start] = local[pc.offset:pc.offset + pc.end - pc.start]
                 pos += pc.end - pc.start
         everything = local.new_empty(world * mine.numel())
         dist.all_gather_into_tensor(everything, mine, group=self.group)
         parts, cursor = everything.view(world, mine.numel()), [0] * world
         out = []
-        for i in indices:
-            whole = local.new_empty(math.prod(self.shapes[i]))
+        for k, unit in enumerate(units):
+            whole = local.new_empty(unit.end - unit.start)
             for rank in range(world):
-                for pc in self.pieces[rank][i]:
-                    whole[pc.start:pc.end] = parts[rank, cursor[rank]:cursor[rank] + pc.end - pc.start]
-                    cursor[rank] += pc.end - pc.start
-            out.append(whole.view(self.shapes[i]))
+                for pc in held[rank][k]:
+                    n = pc.end - pc.start
+                    whole[pc.start - unit.start:pc.end - unit.start] = parts[rank, cursor[rank]:cursor[rank] + n]
+                    cursor[rank] += n
+            out.append(whole.view(-1, *self.shapes[unit.index][-2:]))
         return out
 
-    def local(self, whole: list[torch.Tensor], indices: list[int], out: torch.Tensor) -> None:
-        """Write this rank's pieces of parameters `indices` (`whole`: their full-shape tensors) into its
+    def local(self, whole: list[torch.Tensor], units: list[Unit], out: torch.Tensor) -> None:
+        """Write this rank's elements of `units` (`whole`: each unit's elements, any shape) into its
         partition `out` [L]; other elements are left as they are."""
-        for i, tensor in zip(indices, whole):
+        for unit, tensor in zip(units, whole):
             flat = tensor.reshape(-1)
-            for pc in self.pieces[self.rank][i]:
-                out[pc.offset:pc.offset + pc.end - pc.start] = flat[pc.start:pc.end]
+            for pc in self._held(self.rank, unit):
+                out[pc.offset:pc.offset + pc.end - pc.start] = flat[pc.start - unit.start:pc.end - unit.start]
+
+    def _held(self, rank: int, unit: Unit) -> list[Piece]:
+        """`rank`'s pieces of the parameter cut to the unit's range (start, end: in the parameter)."""
+        cut = []
+        for pc in self.pieces[rank][unit.index]:
+            a, b = max(pc.start, unit.start), min(pc.end, unit.end)
+            if a < b:
+                cut.append(Piece(a, b, pc.offset + a - pc.start))
+        return cut
 
     def local_pieces(self, param: torch.Tensor) -> list[Piece]:
         return self.pieces[self.rank][self.index[id(param)]]
@@ -113,7 +144,7 @@ def _zero12_layout(ds_optimizer, i: int) -> ShardLayout:
             a, b = max(lo, offset), min(hi, offset + math.prod(shape))
             row.append([Piece(a - offset, b - offset, a - lo)] if a < b else [])
         pieces.append(row)
-    return ShardLayout(list(params), shapes, size, pieces, group)
+    return ShardLayout(list(params), shapes, size, pieces, group, dist.get_rank(group))
 
 
 def _zero3_layout(ds_optimizer, sub: int) -> ShardLayout:
@@ -130,4 +161,4 @@ def _zero3_layout(ds_optimizer, sub: int) -> ShardLayout:
             row.append([Piece(a, b, offset)] if a < b else [])
             offset += chunk
         pieces.append(row)
-    return ShardLayout(list(params), shapes, sum(chunks), pieces, group)
+    return ShardLayout(list(params), shapes, sum(chunks), pieces, group, dist.get_rank(group))
