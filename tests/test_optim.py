@@ -113,6 +113,9 @@ def test_build_optimizer_by_name_and_rejects_low_precision(tiny_model_dir):
     assert isinstance(build_optimizer(model, OptimizerConfig(name="muonclip")), MuonClip)
     assert isinstance(build_optimizer(model, OptimizerConfig(name="adamw")), torch.optim.AdamW)
     assert build_optimizer(model, OptimizerConfig()).ns_dtype == torch.float32  # auto on the CPU
+    # auto follows where the step will run, not where the model is while the optimizer is built: a
+    # trainer builds it on the host before DeepSpeed moves the model (NS in fp32 on an H200: 0.5 s a step)
+    assert build_optimizer(model, OptimizerConfig(), device=torch.device("cuda")).ns_dtype == torch.float16
     assert build_optimizer(model, OptimizerConfig(ns_dtype="bfloat16")).ns_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp32 master"):
         build_optimizer(model.to(torch.bfloat16), OptimizerConfig())

@@ -21,6 +21,7 @@ def test_muonclip_trains_with_fp32_master_and_clips(engine):
 
     assert all(p.dtype == torch.float32 and p.is_cuda for p in engine.model.parameters())
     assert engine.engine.torch_autocast_enabled() and engine.engine.torch_autocast_dtype() == torch.bfloat16
+    assert engine.client_optimizer.ns_dtype == torch.float16  # Newton-Schulz on tensor cores, not in fp32
     torch.manual_seed(0)
     batch = TokenBatch.from_lists(torch.randint(20, 4000, (4, 64)).tolist())
     losses, clipped = [], []

@@ -66,15 +66,16 @@ def ds_config(job: JobConfig, on_gpu: bool) -> dict:
     }
 
 
-def build_optimizer(model: torch.nn.Module, job: JobConfig) -> torch.optim.Optimizer:
-    """MuonClip from `k2rl.optim` when configured and present, else torch AdamW."""
+def build_optimizer(model: torch.nn.Module, job: JobConfig, device: torch.device) -> torch.optim.Optimizer:
+    """MuonClip from `k2rl.optim` when configured and present, else torch AdamW; `device`: where the
+    model will train (it is still on the host here: DeepSpeed moves it)."""
     cfg = job.optimizer
     if cfg.name == "muonclip":
         if importlib.util.find_spec("k2rl.optim") is None:
             raise RuntimeError("optimizer.name 'muonclip' needs k2rl.optim, which is not installed; use 'adamw'")
         from k2rl.optim import build_optimizer as build_muonclip
 
-        return build_muonclip(model, cfg)
+        return build_muonclip(model, cfg, device=device)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
@@ -127,7 +128,7 @@ class TrainEngine:
             model.gradient_checkpointing_enable()
         if job_cfg.train.zero_stage == 3:
             mark_experts_as_zero3_leaves(model)
-        optimizer = build_optimizer(model, job_cfg)
+        optimizer = build_optimizer(model, job_cfg, self.device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(job_cfg.optimizer, job_cfg.schedule.steps))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job_cfg, self.on_gpu))

@@ -39,17 +39,21 @@ def muonclip_param_groups(named_parameters: Iterable[tuple[str, torch.Tensor]]) 
     return [dict(params=muon, use_muon=True, matrix_rows=rows), dict(params=other, use_muon=False)]
 
 
-def newton_schulz_dtype(cfg: OptimizerConfig, model: torch.nn.Module) -> torch.dtype:
-    """`cfg.ns_dtype`; auto: fp16 where the weights are on a GPU, fp32 on the CPU, whose fp16 matmul is
-    emulated (k2-tiny's demo step: Newton-Schulz 1.2 of 2.7 s in fp16)."""
+def newton_schulz_dtype(cfg: OptimizerConfig, device: torch.device) -> torch.dtype:
+    """`cfg.ns_dtype`; auto: fp16 where the step runs on a GPU (tensor cores), fp32 on the CPU, whose fp16
+    matmul is emulated (k2-tiny's demo step: Newton-Schulz 1.2 of 2.7 s in fp16)."""
     if cfg.ns_dtype != "auto":
         return getattr(torch, cfg.ns_dtype)
-    return torch.float16 if next(model.parameters()).is_cuda else torch.float32
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, group: dist.ProcessGroup | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, group: dist.ProcessGroup | None = None,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
     """MuonClip or AdamW by `cfg.name`; `group` is the data-parallel group MuonClip splits NS work over
-    (default: the whole world once torch.distributed is initialized)."""
+    (default: the whole world once torch.distributed is initialized). `device`: where the steps will
+    run, when the model is not there yet (a trainer builds the optimizer before DeepSpeed moves the
+    model to the GPU); default: where its parameters are."""
+    device = device or next(model.parameters()).device
     if cfg.name == "adamw":
         params = [p for p in model.parameters() if p.requires_grad]
         fused = all(p.is_cuda for p in params)
@@ -57,5 +61,5 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, group: dist.Pr
                                  fused=fused, foreach=not fused)
     return MuonClip(muonclip_param_groups(model.named_parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                     momentum=cfg.momentum, nesterov=cfg.nesterov, betas=cfg.betas, eps=cfg.eps,
-                    ns_steps=cfg.ns_steps, ns_dtype=newton_schulz_dtype(cfg, model), group=group,
+                    ns_steps=cfg.ns_steps, ns_dtype=newton_schulz_dtype(cfg, device), group=group,
                     bucket_numel=cfg.zero_bucket_numel)
