@@ -5,11 +5,12 @@ Each rank trains the same data shard under every stage; afterwards the weights m
 (fp tolerance: only the order of the gradient sums differs), be identical on every rank, and each
 rank's optimizer state must be ~1/N of ZeRO 0's (the updates gathered whole a bucket of matrices at a
 time, several buckets here; with a bucket under one fused expert stack, a stack comes a few experts at
-a time and no gather returns more than the bucket). QK-Clip must scale the same rows by the same
+a time and no gather returns more than the bucket, nor receives more than it with the padding). QK-Clip must scale the same rows by the same
 factors, and keep doing so on the master partitions (else the next step would undo it and the
 weights would drift from ZeRO 0). A checkpoint round trip (with an offload/reload in between) must
 restore the sharded momentum: the step after loading equals the step after saving.
 """
+import itertools
 import math
 import os
 
@@ -23,7 +24,7 @@ from k2rl.engines.train import TokenBatch, TrainEngine
 from k2rl.engines.world import free_port
 from k2rl.model.modeling import to_checkpoint_names
 from k2rl.optim import apply_qk_clip
-from k2rl.optim.zero_layout import ShardLayout, Unit
+from k2rl.optim.zero_layout import ShardLayout, Unit, zero3_pieces, zero12_pieces
 
 STEPS, SEQS_PER_RANK, SEQ_LEN = 3, 2, 16
 # fp32 NS, so the stages differ by rounding only; tau well under the max logits of k2-tiny on random tokens.
@@ -63,31 +64,52 @@ def _clip_factors(engine: TrainEngine, batch: TokenBatch) -> dict[str, torch.Ten
 
 
 def assert_buckets(layout: ShardLayout, max_numel: int) -> list[list[Unit]]:
-    """`layout.buckets(max_numel)` holds every matrix of every parameter once, in order, in units of whole
-    matrices, and a bucket at most `max_numel` elements unless it is one matrix."""
+    """`layout.buckets(max_numel)` holds every matrix of every parameter once, in units of whole matrices;
+    a bucket is at most `max_numel` elements unless it is one matrix, and its all-gather receives (N x
+    the largest rank's share) at most `max_numel`, or N x one matrix's share where a rank holds more
+    than max_numel / N of a single matrix in it (no plan can do less)."""
     buckets = layout.buckets(max_numel)
-    matrix = [math.prod(shape[-2:]) for shape in layout.shapes]
+    world, matrix = len(layout.pieces), [math.prod(shape[-2:]) for shape in layout.shapes]
     units = [unit for run in buckets for unit in run]
     assert all(u.start < u.end and u.start % matrix[u.index] == 0 == u.end % matrix[u.index] for u in units)
-    assert [(u.index, e) for u in units for e in range(u.start, u.end, matrix[u.index])] == [
+    assert sorted((u.index, e) for u in units for e in range(u.start, u.end, matrix[u.index])) == [
         (i, e) for i, shape in enumerate(layout.shapes) for e in range(0, math.prod(shape), matrix[i])]
     for run in buckets:
         size = sum(u.end - u.start for u in run)
         assert size <= max_numel or (len(run) == 1 and size == matrix[run[0].index]), run
+        one = max((max(_shares(layout, [u])) for u in run if u.end - u.start == matrix[u.index]), default=0)
+        assert world * max(_shares(layout, run)) <= max(max_numel, world * one), run
     return buckets
 
 
-def _hand_layout(shapes: list[tuple[int, ...]]) -> ShardLayout:
-    """A layout to plan buckets on (no pieces: `buckets` reads only the shapes)."""
-    return ShardLayout([torch.empty(0) for _ in shapes], [torch.Size(s) for s in shapes], 0,
-                       [[[] for _ in shapes]], None, 0)
+def _shares(layout: ShardLayout, units: list[Unit]) -> list[int]:
+    """Each rank's elements of `units`: what it sends to their all-gather."""
+    return [sum(pc.end - pc.start for u in units for pc in layout._held(rank, u)) for rank in range(len(layout.pieces))]
+
+
+def _received(layout: ShardLayout, run: list[Unit]) -> int:
+    """The all-gather's receive buffer: N x the largest rank's share of the bucket."""
+    return len(layout.pieces) * max(_shares(layout, run))
+
+
+def _hand_layout(shapes: list[tuple[int, ...]], world: int = 1, zero: int = 1) -> ShardLayout:
+    """A layout to plan buckets on: the parameters in one flat buffer split evenly over `world` ranks
+    (ZeRO 1/2, no alignment padding), or each split in `world` chunks (ZeRO 3)."""
+    shapes = [torch.Size(s) for s in shapes]
+    numels = [math.prod(s) for s in shapes]
+    if zero == 3:
+        chunks = [-(-n // world) for n in numels]
+        length, pieces = sum(chunks), zero3_pieces(shapes, chunks, world)
+    else:
+        length = -(-sum(numels) // world)
+        pieces = zero12_pieces(shapes, list(itertools.accumulate([0] + numels[:-1])), length, world)
+    return ShardLayout([torch.empty(0) for _ in shapes], shapes, length, pieces, None, 0)
 
 
 def test_buckets_cut_stacks_between_experts():
     layout = _hand_layout([(7, 3), (4, 6, 5), (2, 10, 10), (3, 4, 4)])
     assert assert_buckets(layout, 70) == [
-        [Unit(0, 0, 21), Unit(1, 0, 30)],  # the first expert of the stack fills the bucket
-        [Unit(1, 30, 90)], [Unit(1, 90, 120)],
+        [Unit(0, 0, 21)], [Unit(1, 0, 60)], [Unit(1, 60, 120)],  # the stack in runs of two experts
         [Unit(2, 0, 100)], [Unit(2, 100, 200)],  # matrices over the bucket: one each
         [Unit(3, 0, 48)]]
     for max_numel in (1, 16, 29, 30, 61, 200, 10_000):
@@ -95,14 +117,44 @@ def test_buckets_cut_stacks_between_experts():
     assert assert_buckets(layout, 10_000) == [[Unit(0, 0, 21), Unit(1, 0, 120), Unit(2, 0, 200), Unit(3, 0, 48)]]
 
 
-def test_buckets_of_a_k2_moe_layer_hold_nine_gate_up_experts():
-    """K2's fused stacks ([384, 2 x 2048, 7168] gate_up: 11.3 G elements) at the default 2^28-element
-    bucket: 9 experts (264 M elements) a bucket, never the whole stack."""
-    layout = _hand_layout([(384, 4096, 7168), (384, 7168, 2048)])
-    buckets = assert_buckets(layout, 1 << 28)
+def test_buckets_draw_from_every_rank():
+    """A run of experts lies in one or two ranks' regions, so a bucket of consecutive experts (the old
+    plan) all-gathered up to N x the bucket; a bucket now takes each rank's units in turn."""
+    # ZeRO 1/2, 4 ranks of 96 elements: a stack of 16 experts of 16 (ranks 0-2), one of 16 of 8 (2-3).
+    layout = _hand_layout([(16, 4, 4), (16, 4, 2)], world=4)
+    buckets = assert_buckets(layout, 64)  # 16 elements a rank: one expert, or two of the second stack
+    assert buckets[0] == [Unit(0, 0, 16), Unit(0, 112, 128), Unit(0, 208, 224), Unit(1, 48, 64)]  # rank 0, 1, 2, 3
+    assert Unit(0, 80, 112) in buckets[-1]  # an expert on rank 0 and one on rank 1: 16 elements on each
+    assert [_received(layout, run) for run in buckets] == [64] * 6  # the old plan: [Unit(0, 0, 64)], 256
+    # ZeRO 3, 16 ranks: a stack of 32 experts of 16 (2 a rank), a 16 x 16 matrix (16 a rank, balanced
+    # by itself) and a stack whose experts straddle two ranks.
+    layout = _hand_layout([(32, 4, 4), (16, 16), (8, 2, 8)], world=16, zero=3)
+    buckets = assert_buckets(layout, 256)
+    assert max(_received(layout, run) for run in buckets) == 256  # the old plan: 16 x 32 = 512
+    assert [Unit(1, 0, 256)] in buckets
+    for world, zero in itertools.product((2, 3, 4, 16), (1, 3)):
+        for max_numel in (1, 8, 16, 30, 64, 100, 256, 1000):
+            assert_buckets(_hand_layout([(16, 4, 4), (5, 3), (16, 4, 2), (16, 16), (8, 2, 8)], world, zero), max_numel)
+
+
+K2_STACKS = [(384, 4096, 7168), (384, 7168, 2048)]  # a K2 MoE layer's fused gate_up and down stacks
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_buckets_of_a_k2_moe_layer_bound_the_receive_buffer(zero):
+    """K2's fused stacks ([384, 2 x 2048, 7168] gate_up: 11.3 G elements, an expert 29.4 M; down, an
+    expert 14.7 M) at the default 2^28-element bucket: at most 9 gate_up experts (264 M) a bucket. Its
+    all-gather receives 235 M (8 experts, one from each rank) at N = 8, and at N = 64 / 256, where one
+    rank holds a whole expert (over 2^28 / N), N x that expert: 1.88 G / 7.5 G. The old in-order plan
+    received N x 9 experts of one rank's region: 2.1 G at N = 8, and at 64+ ranks 16.9 G (ZeRO 1: both
+    stacks) or 11.3 G (ZeRO 3: the whole gate_up stack)."""
     expert = 4096 * 7168
-    assert buckets[0] == [Unit(0, 0, 9 * expert)]
-    assert max(sum(u.end - u.start for u in run) for run in buckets) <= 1 << 28
+    for world, received, count in [(8, 8 * expert, 72), (64, 64 * expert, 64), (256, 256 * expert, 64 + (zero == 3))]:
+        layout = _hand_layout(K2_STACKS, world, zero)
+        buckets = assert_buckets(layout, 1 << 28)
+        assert max(sum(u.end - u.start for u in run) for run in buckets) <= 9 * expert
+        assert max(_received(layout, run) for run in buckets) == received, world
+        assert len(buckets) == count, world  # the old plan: 64
 
 
 def _recording(gather, sizes: list[tuple[int, int]]):

@@ -12,11 +12,14 @@ QK-Clip uses it to find the master-weight elements of a q/k projection row.
 A bucket is a list of `Unit`s: each a contiguous element range of one parameter that covers whole
 matrices (the last two dims): all of a 2-D parameter, or a run of experts [e0, e1) of an [E, R, C]
 stack, elements [e0 R C, e1 R C). So a fused expert stack larger than the bucket is gathered a few
-experts at a time, never whole (though the all-gather's padding can be: see `gather`).
+experts at a time, never whole. The all-gather pads every rank's share to the largest, so `buckets`
+balances them: each rank holds at most 1/N of a bucket, and the receive buffer stays within it
+(unless one rank holds more than that of a single matrix: then N x that share).
 """
 from __future__ import annotations
 
 import math
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -50,31 +53,77 @@ class ShardLayout:
         self.params, self.shapes, self.length, self.group, self.rank = params, shapes, length, group, rank
         self.pieces = pieces  # pieces[rank][param index]
         self.index = {id(p): i for i, p in enumerate(params)}
+        self._plans: dict[int, list[list[Unit]]] = {}  # max_numel -> buckets
 
     def buckets(self, max_numel: int) -> list[list[Unit]]:
-        """Every parameter's elements in order, in buckets of at most `max_numel` elements of whole
-        matrices (a larger matrix is a bucket alone): what `gather` brings at once, so no rank holds
-        more of the group's update whole. A stack is cut between experts where a bucket fills."""
-        runs, size = [[]], 0
+        """Every matrix of every parameter once, in buckets of at most `max_numel` elements (or one
+        matrix) whose all-gather, N x the largest rank's share of the bucket (`gather`), receives at
+        most `max_numel` too: no rank holds more than max_numel / N of a bucket. Where one rank holds
+        more than that of a single matrix, that matrix's bucket receives N x its share (no plan can do
+        less) and fills the padding with other ranks' matrices, up to max_numel elements in all.
+
+        Units are cut to at most max_numel / N elements on any rank (at least one matrix) and queued
+        under the rank holding most of each; a bucket takes the next unit of each rank's queue in turn
+        while it stays within both bounds, so it draws its elements from all ranks about equally.
+        The plan depends only on the shapes and pieces (every rank makes the same, as `gather` needs)
+        and is cached: MuonClip asks every step."""
+        if max_numel in self._plans:
+            return self._plans[max_numel]
+        world = len(self.pieces)
+        cap = max_numel // world
+        queues = [deque() for _ in range(world)]
+        for unit, share in self._units(cap):
+            queues[max(sorted(share), key=share.get, default=0)].append((unit, share))
+        plan, turn = [], 0
+        while any(queues):
+            bucket, load, size, limit, taken = [], Counter(), 0, cap, True
+            while taken:
+                taken = False
+                for q in range(turn, turn + world):
+                    queue = queues[q % world]
+                    if not queue:
+                        continue
+                    unit, share = queue[0]
+                    grown = max([limit, *share.values()])  # a matrix over the cap: its share sets the buffer
+                    if bucket and (size + unit.end - unit.start > max_numel
+                                   or any(load[r] + n > grown for r, n in share.items())):
+                        continue
+                    queue.popleft()
+                    bucket.append(unit)
+                    load.update(share)
+                    size, limit, turn, taken = size + unit.end - unit.start, grown, q + 1, True
+            plan.append(bucket)
+        self._plans[max_numel] = plan
+        return plan
+
+    def _units(self, cap: int):
+        """(unit, {rank: its elements of the unit}) for every parameter in order: runs of whole matrices
+        of at most `cap` elements on any rank, or one matrix that alone has more."""
         for i, shape in enumerate(self.shapes):
             numel, matrix = math.prod(shape), math.prod(shape[-2:])
-            start = 0
-            while start < numel:
-                fits = (max_numel - size) // matrix * matrix
-                if fits <= 0 and runs[-1]:
-                    runs.append([])
-                    size = 0
-                    continue
-                end = min(numel, start + max(fits, matrix))
-                runs[-1].append(Unit(i, start, end))
-                size, start = size + end - start, end
-        return runs if runs[-1] else []
+            spans = sorted((pc.start, pc.end, rank) for rank, row in enumerate(self.pieces) for pc in row[i])
+            start, share, k = 0, Counter(), 0
+            for lo in range(0, numel, matrix):
+                hi = lo + matrix
+                while k < len(spans) and spans[k][1] <= lo:
+                    k += 1
+                mat, j = Counter(), k
+                while j < len(spans) and spans[j][0] < hi:
+                    a, b, rank = spans[j]
+                    mat[rank] += min(b, hi) - max(a, lo)
+                    j += 1
+                if share and max((share + mat).values()) > cap:
+                    yield Unit(i, start, lo), share
+                    start, share = lo, Counter()
+                share += mat
+            if numel:
+                yield Unit(i, start, numel), share
 
     def gather(self, local: torch.Tensor, units: list[Unit]) -> list[torch.Tensor]:
         """Each unit's elements from every rank's partition (`local`: this rank's, [L]), as its matrices
         [count, R, C]. One all-gather of each rank's pieces of just those ranges, padded to the largest
-        rank's count: the receive buffer is N x that, about the bucket only when every rank holds an
-        equal share (ZeRO 3's whole parameters), up to N x it when one rank holds it all."""
+        rank's count: the receive buffer is N x that, within the bucket for a bucket of `buckets` (or N x
+        one matrix's largest share, where that is more)."""
         world = len(self.pieces)
         held = [[self._held(rank, unit) for unit in units] for rank in range(world)]  # [rank][unit] -> pieces
         counts = [sum(pc.end - pc.start for pcs in row for pc in pcs) for row in held]
@@ -132,19 +181,11 @@ def zero_layouts(ds_optimizer) -> list[tuple[torch.Tensor, ShardLayout]]:
 def _zero12_layout(ds_optimizer, i: int) -> ShardLayout:
     """Params at `round_robin_bit16_offsets` in the group's flat buffer; rank r owns [r P, (r+1) P)."""
     group = ds_optimizer.real_dp_process_group[i]
-    params = ds_optimizer.round_robin_bit16_groups[i]
     shapes = [m.shape for m in ds_optimizer.round_robin_bit16_meta[i]]
-    offsets = ds_optimizer.round_robin_bit16_offsets[i]
     size = ds_optimizer.partition_size[i]
-    pieces = []
-    for rank in range(dist.get_world_size(group)):
-        lo, hi = rank * size, (rank + 1) * size
-        row = []
-        for shape, offset in zip(shapes, offsets):
-            a, b = max(lo, offset), min(hi, offset + math.prod(shape))
-            row.append([Piece(a - offset, b - offset, a - lo)] if a < b else [])
-        pieces.append(row)
-    return ShardLayout(list(params), shapes, size, pieces, group, dist.get_rank(group))
+    pieces = zero12_pieces(shapes, ds_optimizer.round_robin_bit16_offsets[i], size, dist.get_world_size(group))
+    return ShardLayout(list(ds_optimizer.round_robin_bit16_groups[i]), shapes, size, pieces, group,
+                       dist.get_rank(group))
 
 
 def _zero3_layout(ds_optimizer, sub: int) -> ShardLayout:
@@ -153,12 +194,31 @@ def _zero3_layout(ds_optimizer, sub: int) -> ShardLayout:
     group = ds_optimizer._get_sub_group_process_group(sub)
     shapes = [p.ds_shape for p in params]
     chunks = [p.partition_numel() for p in params]
+    pieces = zero3_pieces(shapes, chunks, dist.get_world_size(group))
+    return ShardLayout(list(params), shapes, sum(chunks), pieces, group, dist.get_rank(group))
+
+
+def zero12_pieces(shapes: list[torch.Size], offsets: list[int], size: int, world: int) -> list[list[list[Piece]]]:
+    """ZeRO 1/2: parameters at `offsets` in one flat buffer; rank r holds its slice [r size, (r+1) size)."""
     pieces = []
-    for rank in range(dist.get_world_size(group)):
+    for rank in range(world):
+        lo, hi = rank * size, (rank + 1) * size
+        row = []
+        for shape, offset in zip(shapes, offsets):
+            a, b = max(lo, offset), min(hi, offset + math.prod(shape))
+            row.append([Piece(a - offset, b - offset, a - lo)] if a < b else [])
+        pieces.append(row)
+    return pieces
+
+
+def zero3_pieces(shapes: list[torch.Size], chunks: list[int], world: int) -> list[list[list[Piece]]]:
+    """ZeRO 3: rank r holds elements [r c, (r+1) c) of each parameter (c its chunk), chunks back to back."""
+    pieces = []
+    for rank in range(world):
         row, offset = [], 0
         for shape, chunk in zip(shapes, chunks):
             a, b = rank * chunk, min((rank + 1) * chunk, math.prod(shape))
             row.append([Piece(a, b, offset)] if a < b else [])
             offset += chunk
         pieces.append(row)
-    return ShardLayout(list(params), shapes, sum(chunks), pieces, group, dist.get_rank(group))
+    return pieces
