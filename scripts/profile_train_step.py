@@ -20,16 +20,12 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import k2rl.model.attention as attention  # noqa: E402
-from k2rl.config import load_config  # noqa: E402
+from k2rl.config import AlgorithmConfig, load_config  # noqa: E402
 from k2rl.engines.train import TrainEngine  # noqa: E402
 from k2rl.engines.types import TokenBatch  # noqa: E402
 from k2rl.engines.world import single_rank_world  # noqa: E402
+from k2rl.loop.objective import Objective  # noqa: E402
 from k2rl.model.build import make_model  # noqa: E402
-
-
-def nll(logprobs, batch):
-    mask = torch.cat(batch.loss_mask).float().to(logprobs[0].device)
-    return -(torch.cat(logprobs) * mask).sum() / mask.sum(), {}
 
 
 def seconds_per_call(fn, repeats: int = 3) -> float:
@@ -57,6 +53,7 @@ def main() -> None:
     batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.seqs, args.seq_len),
                                                 generator=torch.Generator().manual_seed(0)).tolist())
     on_device = batch.to(engine.device)
+    nll = Objective(AlgorithmConfig(name="sft"))  # next-token loss on every token
     step = lambda: engine.train_step(batch, nll)  # noqa: E731
 
     def forward():
