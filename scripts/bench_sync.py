@@ -30,7 +30,7 @@ from transformers import DeepseekV3Config  # noqa: E402
 from k2rl.config import JobConfig  # noqa: E402
 from k2rl.engines.rollout import RolloutEngine  # noqa: E402
 from k2rl.engines.train import TrainEngine  # noqa: E402
-from k2rl.engines.expert_copy import copy_experts  # noqa: E402
+from k2rl.engines.expert_copy import copy_experts, expert_buffers  # noqa: E402
 from k2rl.engines.types import is_routed_expert  # noqa: E402
 from k2rl.engines.world import single_rank_world  # noqa: E402
 from k2rl.model.build import make_model  # noqa: E402
@@ -76,11 +76,7 @@ def vllm_like_experts(train: TrainEngine, tp_size: int) -> dict[str, SimpleNames
     for name, stack in train.expert_stacks():
         if name.endswith("down_proj"):
             experts, hidden, inter = stack.shape
-            block = inter // tp_size
-            targets[name.rsplit(".", 1)[0]] = SimpleNamespace(
-                w13_weight=torch.empty(experts, 2 * block, hidden, dtype=torch.bfloat16),
-                w2_weight=torch.empty(experts, hidden, block, dtype=torch.bfloat16),
-                moe_config=SimpleNamespace(moe_parallel_config=SimpleNamespace(tp_rank=0, tp_size=tp_size)))
+            targets[name.rsplit(".", 1)[0]] = expert_buffers(experts, hidden, inter, 0, tp_size)
     return targets
 
 

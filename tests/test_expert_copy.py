@@ -2,26 +2,17 @@
 then its up rows, w2 = its columns of down), on plain tensors shaped and typed as vLLM holds them,
 from the trainer's fused stacks. The copy into a real vLLM engine is checked on the GPU
 (tests/test_rollout_engine_gpu.py, exact reload)."""
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import DeepseekV3Config
 
-from k2rl.engines.expert_copy import copy_experts
+from k2rl.engines.expert_copy import copy_experts, expert_buffers
 from k2rl.model.modeling import build_model, to_checkpoint_names
 from k2rl.model.presets import preset_config
 
 EXPERTS, HIDDEN, INTER = 3, 4, 6
 PREFIX = "model.layers.1.mlp.experts"
-
-
-def vllm_like_module(tp_rank: int, tp_size: int, experts=EXPERTS, hidden=HIDDEN, inter=INTER):
-    block = inter // tp_size
-    parallel = SimpleNamespace(tp_rank=tp_rank, tp_size=tp_size)
-    return SimpleNamespace(w13_weight=torch.zeros(experts, 2 * block, hidden, dtype=torch.bfloat16),
-                           w2_weight=torch.zeros(experts, hidden, block, dtype=torch.bfloat16),
-                           moe_config=SimpleNamespace(moe_parallel_config=parallel))
 
 
 def trainer_stacks():
@@ -35,7 +26,7 @@ def trainer_stacks():
 @pytest.mark.parametrize("tp_rank,tp_size", [(0, 1), (1, 2), (2, 3)])
 def test_each_rank_takes_its_block_cast_to_vllms_dtype(tp_rank, tp_size):
     gate_up, down = trainer_stacks()
-    module = vllm_like_module(tp_rank, tp_size)
+    module = expert_buffers(EXPERTS, HIDDEN, INTER, tp_rank, tp_size)
     written = copy_experts({PREFIX: module}, [(f"{PREFIX}.gate_up_proj", gate_up), (f"{PREFIX}.down_proj", down)])
     rows = slice(tp_rank * INTER // tp_size, (tp_rank + 1) * INTER // tp_size)
     gate, up = gate_up[:, :INTER], gate_up[:, INTER:]
@@ -52,7 +43,7 @@ def test_a_real_models_stacks_land_as_its_checkpoint_experts():
     checkpoint = dict(to_checkpoint_names(model.named_parameters()))
     stacks = [(n, p.detach()) for n, p in model.named_parameters() if n.startswith(PREFIX + ".")]
     for tp_rank in range(2):
-        module = vllm_like_module(tp_rank, 2, config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        module = expert_buffers(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, tp_rank, 2)
         copy_experts({PREFIX: module}, stacks)
         block = config.moe_intermediate_size // 2
         rows = slice(tp_rank * block, (tp_rank + 1) * block)
@@ -65,7 +56,7 @@ def test_a_real_models_stacks_land_as_its_checkpoint_experts():
 
 def test_unknown_names_and_sizes_are_errors():
     gate_up, down = trainer_stacks()
-    module = vllm_like_module(0, 1)
+    module = expert_buffers(EXPERTS, HIDDEN, INTER)
     with pytest.raises(ValueError, match="not a routed-expert stack"):
         copy_experts({PREFIX: module}, [("model.layers.1.mlp.gate.weight", torch.zeros(2))])
     with pytest.raises(ValueError, match="not a routed-expert stack"):  # per-expert checkpoint names
@@ -73,6 +64,6 @@ def test_unknown_names_and_sizes_are_errors():
     with pytest.raises(ValueError, match="gate_up_proj: intermediate size 5"):
         copy_experts({PREFIX: module}, [(f"{PREFIX}.gate_up_proj", gate_up[:, :-1])])
     with pytest.raises(ValueError, match="down_proj: intermediate size 4"):  # vLLM holds 3 of 6 per rank
-        copy_experts({PREFIX: vllm_like_module(1, 2)}, [(f"{PREFIX}.down_proj", down[:, :, :4])])
+        copy_experts({PREFIX: expert_buffers(EXPERTS, HIDDEN, INTER, 1, 2)}, [(f"{PREFIX}.down_proj", down[:, :, :4])])
     with pytest.raises(ValueError, match=r"down_proj: this rank's block is \(2, 4, 6\)"):  # one expert short
         copy_experts({PREFIX: module}, [(f"{PREFIX}.down_proj", down[:2])])

@@ -21,10 +21,23 @@ import logging
 import re
 from collections.abc import Iterable
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 
 STACK = re.compile(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def expert_buffers(experts: int, hidden: int, inter: int, tp_rank: int = 0, tp_size: int = 1,
+                   device: str | torch.device = "cpu") -> SimpleNamespace:
+    """Empty bf16 tensors laid out as vLLM's unquantized fused-MoE module holds TP rank `tp_rank`'s
+    share (`w13_weight`, `w2_weight`, `moe_config.moe_parallel_config`): a stand-in target for
+    `copy_experts` where no vLLM engine runs (its tests, the CPU sync benchmark)."""
+    block = inter // tp_size
+    parallel = SimpleNamespace(tp_rank=tp_rank, tp_size=tp_size)
+    return SimpleNamespace(w13_weight=torch.empty(experts, 2 * block, hidden, dtype=torch.bfloat16, device=device),
+                           w2_weight=torch.empty(experts, hidden, block, dtype=torch.bfloat16, device=device),
+                           moe_config=SimpleNamespace(moe_parallel_config=parallel))
 
 
 def direct_targets(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
