@@ -56,6 +56,50 @@ def test_padding_keys_and_padding_rows_stay_out(monkeypatch, additive):
     assert _full_scores_max(query, key, causal, 0.1).max() > 50 * HEAD_DIM * 0.1 / 4  # causal alone lets them in
 
 
+@pytest.mark.parametrize("layout, split", [("right", True), ("right, cached prefix", True), ("left", False),
+                                           ("two documents", False)])
+def test_every_mask_layout_gives_the_full_scores_max(monkeypatch, layout, split):
+    """Right padding (the trainer's, also after a cached shared prefix) takes the split pass: the keys
+    a chunk's rows all see go unmasked. Left padding and packed documents, where a real row may not see
+    an earlier key, mask whole blocks. Both equal the max over the full masked score matrix."""
+    monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", 64 << 10)
+    q_len, k_len = (200, 260) if "cached" in layout else (300, 300)
+    offset = k_len - q_len
+    query, key = _qk(q_len, k_len)
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(offset)
+    keys = torch.ones(2, k_len, dtype=torch.bool)
+    if layout == "left":
+        keys[1, :70] = False
+    elif layout != "two documents":
+        keys[1, k_len - 90:] = False
+    mask = causal & keys[:, None, :]
+    if layout == "two documents":  # the second document's rows do not see the first's keys
+        mask[1, 150 - offset:, :150] = False
+    query[1, :, 120] = 50 * key[1, :, 40]  # a planted logit across the left padding / the document border
+    query[1, :, -5] = 50 * key[1, :, -1]  # a padding row (right padding) or a real one (left)
+    mask = mask[:, None]
+    rows = mask.diagonal(offset=offset, dim1=-2, dim2=-1)[..., None]
+    assert attention._real_rows_see_every_earlier_key(mask, offset) is split
+    torch.testing.assert_close(causal_head_max(query, key, mask, 0.1), _full_scores_max(query, key, mask & rows, 0.1))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_each_rows_first_hidden_key_stays_out(monkeypatch, padded):
+    """Every row loves the key just past its causal frontier, which it may not see: the split pass must
+    stop each chunk's unmasked part at its first row, key for key."""
+    monkeypatch.setattr(attention, "CHUNK_SCORE_BYTES", 64 << 10)
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(2, HEADS, 130, HEAD_DIM, generator=g)
+    query = torch.randn(2, HEADS, 100, HEAD_DIM, generator=g)
+    query[:, :, :-1] += 10 * key[:, :, 31:]  # row r (position r + 30) and key r + 31
+    allowed = torch.ones(100, 130, dtype=torch.bool).tril(30)
+    mask = allowed.expand(2, 1, 100, 130).clone() if padded else None
+    want = _full_scores_max(query, key, allowed, 0.1)
+    torch.testing.assert_close(causal_head_max(query, key, mask, 0.1), want)
+    one_more = torch.ones(100, 130, dtype=torch.bool).tril(31)
+    assert _full_scores_max(query, key, one_more, 0.1).max() > 2 * want.max()  # one key further lets them in
+
+
 def _forward_backward(model, ids, mask):
     model.zero_grad()
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits

@@ -45,10 +45,44 @@ def _fp32_scores(query: torch.Tensor, key_t: torch.Tensor) -> torch.Tensor:
     return torch.matmul(query.float(), key_t.float())
 
 
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+
+
+def _real_rows_see_every_earlier_key(attention_mask: torch.Tensor, offset: int) -> bool:
+    """True when every row whose own key is allowed (a real token's) may see every key up to its own
+    position: causal with right padding (what the trainer builds), with or without a cached prefix;
+    False for left padding or packed documents."""
+    allowed = _allowed(attention_mask)
+    q_len, k_len = allowed.shape[-2:]
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=allowed.device).tril(offset)
+    own = allowed.diagonal(offset=offset, dim1=-2, dim2=-1)
+    return bool((allowed | ~causal | ~own[..., None]).all())
+
+
+# The last mask checked and its answer: every layer of a forward gets the same mask object, so the
+# check (one pass over the mask, one host sync) runs once per forward, not once per layer.
+_last_check: tuple[torch.Tensor | None, int, bool] = (None, 0, False)
+
+
+def _right_padded(attention_mask: torch.Tensor, offset: int) -> bool:
+    global _last_check
+    mask, checked_offset, answer = _last_check
+    if mask is not attention_mask or checked_offset != offset:
+        answer = _real_rows_see_every_earlier_key(attention_mask, offset)
+        _last_check = (attention_mask, offset, answer)
+    return answer
+
+
 @torch.no_grad()
 def causal_head_max(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
                     scaling: float) -> torch.Tensor:
-    """[H] max over batch and allowed (query, key) pairs of q.k * scaling; causal when no mask is given."""
+    """[H] max over batch and allowed (query, key) pairs of q.k * scaling; causal when no mask is given.
+
+    Masking costs a write over the scores, so it is kept to where it matters: when real rows see every
+    key before them (no mask, or right padding), a chunk's keys up to its first row's position are
+    seen by all its rows and are reduced unmasked; only the triangle after them is masked, and the
+    rows of padding are dropped from the per-row maxima. Other masks take the whole block masked."""
     if torch.is_autocast_enabled(query.device.type):  # score what SDPA sees: q and k in autocast's dtype
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key = query.to(dtype), key.to(dtype)
@@ -57,6 +91,7 @@ def causal_head_max(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
     offset = k_len - q_len  # queries are the last q_len positions (a cache may hold earlier keys)
     rows = max(1, min(-(-q_len // MIN_CHUNKS), CHUNK_SCORE_BYTES // (4 * batch * heads * k_len)))
     key_t = key.transpose(-1, -2)
+    split = attention_mask is None or _right_padded(attention_mask, offset)
     best = torch.full((heads,), float("-inf"), device=query.device)
     with torch.autocast(query.device.type, enabled=False):
         for start in range(0, q_len, rows):
@@ -64,15 +99,24 @@ def causal_head_max(query: torch.Tensor, key: torch.Tensor, attention_mask: torc
             seen = min(k_len, stop + offset)  # keys beyond the chunk's last row are masked for all rows
             scores = _fp32_scores(query[:, :, start:stop], key_t[..., :seen]) * scaling
             if attention_mask is None:
-                cols = torch.arange(seen, device=query.device)
-                row_ends = torch.arange(start, stop, device=query.device)[:, None] + offset
-                scores.masked_fill_(cols > row_ends, float("-inf"))
+                allowed = (torch.arange(seen, device=query.device)
+                           <= torch.arange(start, stop, device=query.device)[:, None] + offset)
+                own = None
             else:
-                block = attention_mask[..., start:stop, :seen]
-                allowed = block if block.dtype == torch.bool else block > torch.finfo(block.dtype).min
+                allowed = _allowed(attention_mask[..., start:stop, :seen])
                 own = allowed.diagonal(offset=start + offset, dim1=-2, dim2=-1)  # each row's own position
+            if split:
+                common = min(seen, start + offset + 1)  # keys every row of the chunk sees
+                row_max = scores[..., :common].amax(dim=-1)
+                if common < seen:
+                    triangle = scores[..., common:].masked_fill_(~allowed[..., common:], float("-inf"))
+                    row_max = torch.maximum(row_max, triangle.amax(dim=-1))
+                if own is not None:
+                    row_max.masked_fill_(~own, float("-inf"))
+                best = torch.maximum(best, row_max.amax(dim=(0, 2)))
+            else:
                 scores.masked_fill_(~(allowed & own[..., None]), float("-inf"))
-            best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
+                best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
     return best
 
 
