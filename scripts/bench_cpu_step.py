@@ -8,8 +8,9 @@ MuonClip, QK-Clip) with `configs/demo-sft.yaml`. A world of one does all of Newt
 demo workers split it).
 
 Steps alternate between the engine as it is, the same without running the dialogs' shared prefix
-(system prompt and tool schemas) once (`train.shared_prefix`, k2rl.model.shared_prefix), and with
-SDPA's math kernel, which attention ran on the CPU before (see k2rl.model.attention), so their
+(system prompt and tool schemas) once (`train.shared_prefix`, k2rl.model.shared_prefix), with
+SDPA's math kernel, which attention ran on the CPU before (see k2rl.model.attention), and with
+every position projected to the vocabulary, not only the loss tokens' (as before 2026-12-05), so their
 ratios are measured in one run on a shared, noisy machine. Per variant: median wall seconds of each
 phase (forward, backward, optimizer step, QK-Clip, the rest), and the step's CPU seconds (user +
 sys, which time-slicing by other jobs does not inflate) and page faults. Then the bare model's forward + backward of the same batch (no engine or optimizer).
@@ -44,6 +45,7 @@ from k2rl.loop.objective import Objective  # noqa: E402
 from k2rl.loop.tasks import TaskStream  # noqa: E402
 from k2rl.model.build import make_model  # noqa: E402
 from k2rl.model.chat import ChatTokenizer  # noqa: E402
+from k2rl.model.shared_prefix import padded_logprobs  # noqa: E402
 from k2rl.rollout import Limits, oracle_trajectory  # noqa: E402
 
 CONFIG = "configs/demo-sft.yaml"
@@ -81,6 +83,12 @@ def math_attention(module, query, key, value, attention_mask, scaling, dropout, 
 
 def with_math_attention():
     return patched(k2rl.model.attention, "_cpu_flash_attention", math_attention)
+
+
+def score_every_token():
+    """The vocabulary projection and log-softmax on every position, not only the loss tokens'."""
+    every = lambda module, ids, attn, shared, replay, wanted: padded_logprobs(module, ids, attn, shared, replay)  # noqa: E731
+    return patched(k2rl.engines.train, "padded_logprobs", every)
 
 
 def timed_step(engine, batch, objective) -> dict[str, float]:
@@ -154,7 +162,7 @@ def main() -> None:
         return
 
     variants = {"as is": nullcontext, "unshared": lambda: patched(engine, "_shared_prefix", lambda batch: 0),
-                "math attn": with_math_attention}
+                "math attn": with_math_attention, "all scored": score_every_token}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     bare = []
     for _ in range(args.steps):  # interleaved, so every variant sees the same load

@@ -113,6 +113,31 @@ def test_train_engine_step_is_the_same_with_and_without_sharing(tiny_model_dir, 
     assert shared[1]["attn/max_logit"] == pytest.approx(plain[1]["attn/max_logit"], abs=1e-4)
 
 
+@pytest.mark.parametrize("shared", [0, PREFIX])
+def test_only_wanted_tokens_are_scored(model, shared):
+    """With `wanted` (the loss mask) the vocabulary projection sees only the positions that score a
+    wanted token: their logprobs and gradients equal the full pass's, the others are 0.0."""
+    ids, attn = padded(opening_alike(model.config.vocab_size))
+    wanted = attn.bool() & (torch.arange(ids.shape[1]) % 3 == 0)  # every third token, as a loss mask picks
+    wanted[0, PREFIX - 5] = True  # a prefix token one row wants, and two rows' first own token
+    wanted[:2, PREFIX] = True
+    full = padded_logprobs(model, ids, attn, shared)
+    projected = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _, args, out: projected.append(len(args[0].flatten(0, -2))))
+    try:
+        part = padded_logprobs(model, ids, attn, shared, wanted=wanted)
+    finally:
+        hook.remove()
+    if shared:  # the prefix runs once: a position is scored once whatever the rows that want its token
+        assert projected == [wanted[:, 1:PREFIX + 1].any(0).sum(), wanted[:, PREFIX + 1:].sum()]
+    else:
+        assert projected == [wanted[:, 1:].sum()]
+    torch.testing.assert_close(part, full * wanted, atol=2e-6, rtol=0)
+    _, full_grads = loss_and_grads(model, full * wanted, attn)
+    _, part_grads = loss_and_grads(model, part, attn)
+    torch.testing.assert_close(part_grads, full_grads, atol=1e-6, rtol=1e-4)
+
+
 def test_micro_batches_count_the_shared_prefix_once():
     seqs = opening_alike(4096)  # 49, 43, 57 tokens, 40 shared
     batch = TokenBatch.from_lists([s.tolist() for s in seqs])

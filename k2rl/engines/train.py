@@ -2,7 +2,8 @@
 
 Batches are `TokenBatch`es (k2rl.engines.types). Everything per token is aligned with
 `input_ids`: entry t belongs to token t, and a logprob at t is log p(token t | tokens < t), so
-position 0 has no logprob (0.0) and must be masked out.
+position 0 has no logprob (0.0) and must be masked out. Logprobs are computed at the batch's
+`loss_mask` tokens only; the others are 0.0.
 
 An RL loss is a function of the new policy's logprobs and the batch:
 
@@ -146,13 +147,15 @@ class TrainEngine:
 
     # ---- forward ---------------------------------------------------------------------------------
     def _forward_logprobs(self, mb: TokenBatch, module=None, replay: Replay | None = None) -> list[torch.Tensor]:
-        """Per-sequence logprobs of each token given its prefix (position 0: 0.0), right-padded batch;
-        under the policy (the DeepSpeed engine) unless another `module` is given. A prefix all sequences
-        share is run once (k2rl.model.shared_prefix); `replay` is the block's routing replay, if any."""
+        """Per-sequence logprobs of each loss-mask token given its prefix (0.0 at the others: no loss reads
+        them, so the vocabulary projection skips them), right-padded batch; under the policy (the
+        DeepSpeed engine) unless another `module` is given. A prefix all sequences share is run once
+        (k2rl.model.shared_prefix); `replay` is the block's routing replay, if any."""
         lengths = [len(s) for s in mb.input_ids]
         ids = torch.nn.utils.rnn.pad_sequence(mb.input_ids, batch_first=True).to(self.device)
         attn = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long().to(self.device)
-        logp = padded_logprobs(module or self.engine, ids, attn, self._shared_prefix(mb), replay)
+        wanted = torch.nn.utils.rnn.pad_sequence(mb.loss_mask, batch_first=True).to(self.device)
+        logp = padded_logprobs(module or self.engine, ids, attn, self._shared_prefix(mb), replay, wanted)
         return [logp[i, :n] for i, n in enumerate(lengths)]
 
     def _shared_prefix(self, batch: TokenBatch) -> int:

@@ -12,6 +12,8 @@ nor ZeRO-3 (its hooks gather and reduce per module call: a module run twice redu
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from transformers import DynamicCache
 
@@ -40,31 +42,63 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None])[..., 0]
 
 
+@contextmanager
+def _scored_positions(module, positions: torch.Tensor):
+    """Within it, a forward of `module` projects only the hidden states at `positions` (bool [B, L]) to
+    the vocabulary: its logits are [N, V], the positions in row-major order. The projection (and the
+    log-softmax after it) is a large share of a small-hidden model's step, and a loss reads few positions."""
+    head = getattr(module, "module", module).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][positions], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _scatter(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """`values` in the row-major True positions of `where`, 0.0 elsewhere (differentiable)."""
+    return values.new_zeros(where.shape).masked_scatter(where, values)
+
+
 def padded_logprobs(module, ids: torch.Tensor, attention_mask: torch.Tensor, shared: int = 0,
-                    replay: Replay | None = None) -> torch.Tensor:
+                    replay: Replay | None = None, wanted: torch.Tensor | None = None) -> torch.Tensor:
     """[B, L] logprob of each token given the ones before (position 0: 0.0) for right-padded `ids`
     under `module` (a causal LM or its engine). With `shared` > 0 the first `shared` tokens are the same
-    in every row and run once; `replay` is the routing replay of the enclosing block, if any."""
+    in every row and run once; `replay` is the routing replay of the enclosing block, if any. With
+    `wanted` (bool [B, L], e.g. a loss mask) only those tokens are scored, the others come back 0.0."""
+    if wanted is None:
+        wanted = torch.ones_like(ids, dtype=torch.bool)
+    wanted = wanted.clone()
+    wanted[:, 0] = False  # the first token has no logprob
+    scores = torch.nn.functional.pad(wanted[:, 1:], (0, 1))  # position t scores token t + 1
     if shared:
-        return _shared_prefix_logprobs(module, ids, attention_mask, shared, replay)
-    logits = module(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
-    return torch.cat([torch.zeros(ids.shape[0], 1, device=ids.device), token_logprobs(logits[:, :-1], ids[:, 1:])], dim=1)
+        return _shared_prefix_logprobs(module, ids, attention_mask, shared, replay, wanted, scores)
+    with _scored_positions(module, scores):
+        logits = module(input_ids=ids, attention_mask=attention_mask, use_cache=False).logits
+    return _scatter(token_logprobs(logits, ids[wanted]), wanted)
 
 
 def _shared_prefix_logprobs(module, ids: torch.Tensor, attention_mask: torch.Tensor, shared: int,
-                            replay: Replay | None) -> torch.Tensor:
+                            replay: Replay | None, wanted: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     batch = ids.shape[0]
     config = getattr(module, "module", module).config
     cache = DynamicCache(config=config)
     if replay is not None:
         replay.use(slice(0, 1), slice(0, shared))
-    prefix_logits = module(input_ids=ids[:1, :shared], past_key_values=cache, use_cache=True).logits[0]
+    prefix_scores = scores[:, :shared].any(0, keepdim=True)  # run once: it scores what any row wants
+    with _scored_positions(module, prefix_scores):
+        prefix_logits = module(input_ids=ids[:1, :shared], past_key_values=cache, use_cache=True).logits
     cache.batch_repeat_interleave(batch)
     if replay is not None:
         replay.use(slice(None), slice(shared, None))
-    rest_logits = module(input_ids=ids[:, shared:], attention_mask=attention_mask, past_key_values=cache,
-                         use_cache=True).logits
-    prefix = token_logprobs(prefix_logits[:-1], ids[0, 1:shared]).expand(batch, -1)
-    boundary = torch.log_softmax(prefix_logits[-1].float(), dim=-1)[ids[:, shared]]  # each row's first own token
-    rest = token_logprobs(rest_logits[:, :-1], ids[:, shared + 1:])
-    return torch.cat([prefix.new_zeros(batch, 1), prefix, boundary[:, None], rest], dim=1)
+    with _scored_positions(module, scores[:, shared:]):
+        rest_logits = module(input_ids=ids[:, shared:], attention_mask=attention_mask, past_key_values=cache,
+                             use_cache=True).logits
+    in_prefix = prefix_scores[0, :-1]  # positions scoring the prefix's own tokens 1 .. shared - 1
+    prefix = _scatter(token_logprobs(prefix_logits[:-1] if prefix_scores[0, -1] else prefix_logits,
+                                     ids[0, 1:shared][in_prefix]), in_prefix)
+    boundary = (torch.log_softmax(prefix_logits[-1].float(), dim=-1)[ids[:, shared]] if prefix_scores[0, -1]
+                else prefix.new_zeros(batch))  # each row's first own token, scored by the prefix's last position
+    rest = _scatter(token_logprobs(rest_logits, ids[:, shared + 1:][wanted[:, shared + 1:]]), wanted[:, shared + 1:])
+    logp = torch.cat([prefix.new_zeros(batch, 1), prefix.expand(batch, -1), boundary[:, None], rest], dim=1)
+    return logp * wanted  # the prefix was scored for every row that shares it
