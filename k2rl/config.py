@@ -151,6 +151,9 @@ class EnvConfig(Section):
     name: str = Field("shop", description="built-in name, package.module:Class, path/to/file.py:Class or entry point")
     task_file: str | None = Field(None, description="JSONL/YAML tasks instead of the environment's own")
     train_seed: int = 0
+    train_tasks: int | None = Field(
+        None, ge=1, description="a finite training set: the first N tasks of the training stream, reshuffled "
+        "every pass (SFT on a fixed cold-start set); null: a fresh task at every draw")
     eval_seed: int = 1_000_000
     eval_tasks: int = Field(200, ge=0)
     max_turns: int = Field(8, ge=1)

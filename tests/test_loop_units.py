@@ -90,6 +90,20 @@ def test_task_stream_resumes_at_its_cursor():
     assert len(set(seen)) == 8
 
 
+def test_a_task_pool_repeats_its_tasks_in_a_new_order_each_epoch(tmp_path):
+    factory = EnvFactory(EnvConfig(name="shop"))
+    stream = TaskStream(factory, seed=7, pool=10)
+    epochs = [[t.id for t in stream.next(10)] for _ in range(3)]
+    first_ten = [t.id for t in TaskStream(factory, seed=7).next(10)]
+    assert all(sorted(epoch) == sorted(first_ten) for epoch in epochs)  # the stream's first ten, every epoch
+    assert len({tuple(epoch) for epoch in epochs}) == 3  # each in its own order
+    assert [t.id for t in TaskStream(factory, seed=7, cursor=15, pool=10).next(10)] == epochs[1][5:] + epochs[2][:5]
+    task_file = tmp_path / "tasks.jsonl"
+    task_file.write_text("".join(t.model_dump_json() + "\n" for t in factory.tasks(4, seed=0)))
+    with pytest.raises(ValueError, match="env.train_tasks is 5, but .* holds 4 tasks"):
+        TaskStream(EnvFactory(EnvConfig(name="shop", task_file=str(task_file))), seed=0, pool=5).next(1)
+
+
 def test_type_priority_weighs_task_types_by_the_chance_their_groups_disagree():
     priority = TypePriority(samples_per_task=4)
     assert priority.weight("status") == 1.0  # not seen yet

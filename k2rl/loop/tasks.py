@@ -5,6 +5,10 @@ domains that is seeds train_seed, train_seed+1, ... in order, so the stream is a
 (train_seed, cursor) and a resumed run continues exactly where it stopped. Held-out tasks come from
 `eval_seed` (far from the training seeds) and any that share an id with a training task seen so far
 are impossible by construction for generated domains.
+
+With a `pool` (`env.train_tasks`) training is a finite data set: the pool's tasks are the first
+`pool` of that stream, and every pass over them (an epoch) takes them in an order shuffled by
+(train_seed, epoch), again a pure function of the cursor.
 """
 from __future__ import annotations
 
@@ -18,18 +22,30 @@ CHUNK = 1024
 
 
 class TaskStream:
-    def __init__(self, factory: EnvFactory, seed: int, cursor: int = 0):
-        self.factory, self.seed, self.cursor = factory, seed, cursor
-        self._chunk_index, self._chunk = -1, []
+    def __init__(self, factory: EnvFactory, seed: int, cursor: int = 0, pool: int | None = None):
+        self.factory, self.seed, self.cursor, self.pool = factory, seed, cursor, pool
+        self._chunk_index, self._chunk, self._pool_tasks = -1, [], None
+
+    def _chunk_at(self, index: int) -> list[Task]:
+        if self.pool is None:
+            return self.factory.tasks(CHUNK, seed=self.seed + index * CHUNK)
+        if self._pool_tasks is None:
+            self._pool_tasks = self.factory.tasks(self.pool, seed=self.seed)
+            if len(self._pool_tasks) < self.pool:
+                raise ValueError(f"env.train_tasks is {self.pool}, but the environment's task source holds "
+                                 f"{len(self._pool_tasks)} tasks: set env.train_tasks to at most that, or unset it")
+        epoch = list(self._pool_tasks)
+        random.Random(f"{self.seed}:epoch {index}").shuffle(epoch)
+        return epoch
 
     def next(self, count: int, priority: TypePriority | None = None) -> list[Task]:
         """The next `count` tasks; with `priority`, each task in turn is kept with its type's weight
         (the draw seeded by seed and cursor, so a resumed run keeps the same ones) and the rest skipped."""
         out = []
         while len(out) < count:
-            index, offset = divmod(self.cursor, CHUNK)
+            index, offset = divmod(self.cursor, self.pool or CHUNK)
             if index != self._chunk_index:
-                self._chunk = self.factory.tasks(CHUNK, seed=self.seed + index * CHUNK)
+                self._chunk = self._chunk_at(index)
                 self._chunk_index = index
                 if not self._chunk:
                     raise ValueError(f"environment {self.factory.env_cls.name!r} produced no tasks")

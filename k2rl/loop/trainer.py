@@ -42,7 +42,7 @@ class Trainer:
         self.chat = ChatTokenizer(model_dir)
         self.make_env = EnvFactory(config.env)
         self.step = state.get("step", 0)
-        self.tasks = TaskStream(self.make_env, config.env.train_seed, state.get("cursor", 0))
+        self.tasks = TaskStream(self.make_env, config.env.train_seed, state.get("cursor", 0), config.env.train_tasks)
         self.priority = (TypePriority(config.algorithm.samples_per_task, state.get("type_success"))
                          if config.algorithm.task_sampling == "prioritized" else None)
         self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
