@@ -45,8 +45,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def _scored_positions(module, positions: torch.Tensor):
     """Within it, a forward of `module` projects only the hidden states at `positions` (bool [B, L]) to
-    the vocabulary: its logits are [N, V], the positions in row-major order. The projection (and the
-    log-softmax after it) is a large share of a small-hidden model's step, and a loss reads few positions."""
+    the vocabulary: its logits are [N, V], the positions in row-major order. The projection and its fp32
+    log-softmax grow with the vocabulary (K2's 164k entries: 0.66 MB of logits per token), and a loss
+    reads only the tokens the policy generated, not the prompt's or the tools' results."""
     head = getattr(module, "module", module).get_output_embeddings()
     handle = head.register_forward_pre_hook(lambda _, args: (args[0][positions], *args[1:]))
     try:
