@@ -186,3 +186,18 @@ def test_cuda_pass_under_autocast_keeps_fp32_scores():
         got = causal_head_max(query, key, None, 0.1)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_layout_check_does_not_keep_the_mask_alive():
+    """The check is remembered for the forward's other layers, not held: on the GPU a kept mask would
+    stay in memory through the rollout phase."""
+    import gc
+    import weakref
+
+    query, key = _qk(32, 32)
+    mask = torch.ones(32, 32, dtype=torch.bool).tril().expand(2, 1, 32, 32).clone()
+    causal_head_max(query, key, mask, 0.1)
+    alive = weakref.ref(mask)
+    del mask
+    gc.collect()
+    assert alive() is None

@@ -21,6 +21,8 @@ mask) the attention's forward is 2.8x faster, its backward 1.1x (scripts/bench_c
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
@@ -60,17 +62,18 @@ def _real_rows_see_every_earlier_key(attention_mask: torch.Tensor, offset: int) 
     return bool((allowed | ~causal | ~own[..., None]).all())
 
 
-# The last mask checked and its answer: every layer of a forward gets the same mask object, so the
-# check (one pass over the mask, one host sync) runs once per forward, not once per layer.
-_last_check: tuple[torch.Tensor | None, int, bool] = (None, 0, False)
+# The last mask checked (weakly: it must not outlive its forward on the GPU) and its answer: every
+# layer of a forward gets the same mask object, so the check (one pass over the mask, one host sync)
+# runs once per forward, not once per layer.
+_last_check: tuple[weakref.ref | None, int, bool] = (None, 0, False)
 
 
 def _right_padded(attention_mask: torch.Tensor, offset: int) -> bool:
     global _last_check
     mask, checked_offset, answer = _last_check
-    if mask is not attention_mask or checked_offset != offset:
+    if mask is None or mask() is not attention_mask or checked_offset != offset:
         answer = _real_rows_see_every_earlier_key(attention_mask, offset)
-        _last_check = (attention_mask, offset, answer)
+        _last_check = (weakref.ref(attention_mask), offset, answer)
     return answer
 
 
