@@ -1,6 +1,9 @@
 """The max-logit recorder (k2rl.model.attention): its chunked causal pass equals the max over the full
 score matrix, and the model with it matches transformers' eager attention in outputs, gradients and
 maxima (the eager softmax inputs of the real tokens' rows), with and without padding."""
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -191,9 +194,6 @@ def test_cuda_pass_under_autocast_keeps_fp32_scores():
 def test_the_layout_check_does_not_keep_the_mask_alive():
     """The check is remembered for the forward's other layers, not held: on the GPU a kept mask would
     stay in memory through the rollout phase."""
-    import gc
-    import weakref
-
     query, key = _qk(32, 32)
     mask = torch.ones(32, 32, dtype=torch.bool).tril().expand(2, 1, 32, 32).clone()
     causal_head_max(query, key, mask, 0.1)

@@ -97,10 +97,11 @@ def _shared_prefix_logprobs(module, ids: torch.Tensor, attention_mask: torch.Ten
         rest_logits = module(input_ids=ids[:, shared:], attention_mask=attention_mask, past_key_values=cache,
                              use_cache=True).logits
     in_prefix = prefix_scores[0, :-1]  # positions scoring the prefix's own tokens 1 .. shared - 1
-    prefix = _scatter(token_logprobs(prefix_logits[:-1] if prefix_scores[0, -1] else prefix_logits,
+    boundary_scored = bool(prefix_scores[0, -1])  # the prefix's last position scores each row's first own token
+    prefix = _scatter(token_logprobs(prefix_logits[:-1] if boundary_scored else prefix_logits,
                                      ids[0, 1:shared][in_prefix]), in_prefix)
-    boundary = (torch.log_softmax(prefix_logits[-1].float(), dim=-1)[ids[:, shared]] if prefix_scores[0, -1]
-                else prefix.new_zeros(batch))  # each row's first own token, scored by the prefix's last position
+    boundary = (torch.log_softmax(prefix_logits[-1].float(), dim=-1)[ids[:, shared]] if boundary_scored
+                else prefix.new_zeros(batch))
     rest = _scatter(token_logprobs(rest_logits, ids[:, shared + 1:][wanted[:, shared + 1:]]), wanted[:, shared + 1:])
     logp = torch.cat([prefix.new_zeros(batch, 1), prefix.expand(batch, -1), boundary[:, None], rest], dim=1)
     return logp * wanted  # the prefix was scored for every row that shares it
