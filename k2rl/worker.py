@@ -137,6 +137,7 @@ class Worker:
             raise PhaseError(f"worker {self.rank}: this run started no rollout engine (SFT without held-out "
                              "evaluation); set schedule.eval_every and env.eval_tasks to evaluate")
         self.phase = Phase.SWITCHING
+        self.train.release_cached_memory()
         with self._timed("time/wake"):
             self.rollout.wake(("weights",))
         self.sync_weights()
