@@ -123,6 +123,11 @@ class AlgorithmConfig(Section):
     ptx_dataset: str | None = Field(None, description="JSONL of {messages, tools} or {token_ids, loss_mask}; or `oracle`: the scripted solutions of fresh training tasks (the SFT cold start's data)")
     truncated_is_cap: float | None = Field(None, gt=0, description="truncated importance weights min(pi_train/pi_vllm, cap); off when null")
     epochs_per_step: int = Field(1, ge=1)
+    teacher_declines: list[str] = Field(
+        [], description="task types (a task's first tag) whose oracle dialogs (SFT cold start, oracle PTX) decline "
+        "instead of solving, for a share teacher_decline_rate of the tasks: an imperfect teacher, over-cautious "
+        "about some requests as cold-start data from a weaker model is, for RL on the environment's reward to exceed")
+    teacher_decline_rate: float = Field(0.0, ge=0, le=1, description="the share of teacher_declines tasks declined")
     filter_groups: bool = Field(False, description="train only on groups whose rewards differ (DAPO's dynamic sampling): an all-equal group has no advantage and only dilutes the token-mean loss")
     oversample: float = Field(1.0, ge=1, description="with filter_groups: roll out oversample x tasks_per_step tasks, train on up to tasks_per_step informative groups")
     task_sampling: Literal["uniform", "prioritized"] = Field(
@@ -139,6 +144,9 @@ class AlgorithmConfig(Section):
         if self.oversample > 1 and not self.filter_groups:
             raise ValueError("algorithm.oversample > 1 rolls out extra tasks to pick informative groups from: "
                              "set algorithm.filter_groups: true (or oversample: 1)")
+        if bool(self.teacher_declines) != (self.teacher_decline_rate > 0):
+            raise ValueError("algorithm.teacher_declines and algorithm.teacher_decline_rate go together: name the "
+                             "task types the teacher declines and a rate above 0 (or neither)")
         if self.kl_coef > 0 and self.name not in ("grpo", "ppo"):
             raise ValueError(f"kl_coef applies to grpo and ppo; {self.name!r} has none (k2 regularizes "
                              "toward the sampling policy with tau)")

@@ -60,8 +60,9 @@ def columns(metrics: list[dict]) -> dict[str, dict[str, float]]:
     evals = [row for row in metrics if "eval/success" in row]
     pick = lambda row, prefix: {key: row[f"{prefix}/{key}"] for _, key in ROWS if f"{prefix}/{key}" in row}
     out = {"SFT start": pick(evals[0], "eval"), "after RL": pick(evals[-1], "eval")}
-    for name in ("refuse", "nothing", "oracle"):
-        out[f"baseline: {name}"] = pick(evals[0], f"baseline/{name}")
+    for name in ("refuse", "nothing", "oracle", "teacher"):
+        if f"baseline/{name}/success" in evals[0]:  # teacher: only with algorithm.teacher_declines
+            out[f"baseline: {name}"] = pick(evals[0], f"baseline/{name}")
     return out
 
 

@@ -27,7 +27,7 @@ from k2rl.loop.scoring import advantages, informative_groups, score
 from k2rl.loop.tasks import TaskStream, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rewards.judge import make_judge
-from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize
+from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize, teacher_declines
 from k2rl.rollout.baselines import baselines_for
 from k2rl.validation import ValidationFailed
 from k2rl.algo import temperature_at
@@ -162,12 +162,15 @@ class Trainer:
         return concat_batches([batch, extra])
 
     def oracle_examples(self, count: int):
-        """SFT cold-start data: the scripted oracle's solved training tasks, as (ids, mask)."""
+        """SFT cold-start data: the scripted oracle's solved training tasks, as (ids, mask); with
+        `algorithm.teacher_declines`, the imperfect teacher's declines too (its data is not checked)."""
+        algo = self.config.algorithm
         out = []
         while len(out) < count:
             for task in self.tasks.next(count - len(out)):
-                t = oracle_trajectory(self.make_env(), task, self.chat, self.limits)
-                if t.success:
+                decline = teacher_declines(task, algo.teacher_declines, algo.teacher_decline_rate)
+                t = oracle_trajectory(self.make_env(), task, self.chat, self.limits, decline)
+                if t.success or decline:
                     out.append((t.token_ids, [bool(m) for m in t.loss_mask]))
         return out
 
@@ -188,10 +191,17 @@ class Trainer:
         return metrics
 
     def baseline_metrics(self) -> dict[str, float]:
-        """baseline/{refuse,nothing,oracle}/... on the held-out tasks (oracle when every task has a solution)."""
-        return {k: v for name in baselines_for(self.eval_tasks) for k, v in kind_metrics(
-            summarize(run_baseline(name, self.chat, self.make_env, self.eval_tasks, self.limits),
-                      self.config.rewards.weights), f"baseline/{name}").items()}
+        """baseline/{refuse,nothing,oracle}/... on the held-out tasks (oracle when every task has a solution);
+        with an imperfect teacher (algorithm.teacher_declines) also baseline/teacher/..., the bar RL must
+        clear to have learned more than the cold start's data shows."""
+        algo = self.config.algorithm
+        runs = {name: run_baseline(name, self.chat, self.make_env, self.eval_tasks, self.limits)
+                for name in baselines_for(self.eval_tasks)}
+        if algo.teacher_declines and "oracle" in runs:
+            runs["teacher"] = run_baseline("oracle", self.chat, self.make_env, self.eval_tasks, self.limits, lambda task:
+                                           teacher_declines(task, algo.teacher_declines, algo.teacher_decline_rate))
+        return {k: v for name, trajectories in runs.items() for k, v in kind_metrics(
+            summarize(trajectories, self.config.rewards.weights), f"baseline/{name}").items()}
 
     # ---- bookkeeping -------------------------------------------------------------------------------
     def _save_rollouts(self, trajectories, rewards) -> None:

@@ -38,10 +38,11 @@ class ScriptedPolicy:
 
 
 def run_baseline(name: str, chat: ChatTokenizer, make_env: Callable[[], Environment], tasks: list[Task],
-                 limits: Limits = Limits()) -> list[Trajectory]:
-    """One episode per task under baseline `name` (one of BASELINES)."""
+                 limits: Limits = Limits(), declines: Callable[[Task], bool] | None = None) -> list[Trajectory]:
+    """One episode per task under baseline `name` (one of BASELINES); `declines` makes the oracle an
+    imperfect teacher that declines the tasks it picks (algorithm.teacher_declines)."""
     if name == "oracle":
-        return [oracle_trajectory(make_env(), task, chat, limits) for task in tasks]
+        return [oracle_trajectory(make_env(), task, chat, limits, bool(declines and declines(task))) for task in tasks]
     if name not in SCRIPTS:
         raise ValueError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
     return run_episodes(ScriptedPolicy(chat, SCRIPTS[name]), chat, make_env, tasks, limits=limits)

@@ -7,9 +7,11 @@ proof that a domain's tools, simulated user and checker agree (tests: >= 99% sol
 from __future__ import annotations
 
 import json
+import random
 
 from k2rl.engines.types import Generation
 from k2rl.env.environment import Environment
+from k2rl.env.kinds import task_type
 from k2rl.env.task import SolutionTurn, Task
 from k2rl.model.chat import ChatTokenizer
 from k2rl.model.template import GENERATION_PROMPT, render_message
@@ -33,14 +35,25 @@ def assistant_ids(chat: ChatTokenizer, message: dict) -> list[int]:
     return chat.encode(render_message(message)[len(GENERATION_PROMPT):])
 
 
-def oracle_trajectory(env: Environment, task: Task, chat: ChatTokenizer, limits: Limits = Limits()) -> Trajectory:
-    """Play `task.solution` in `env`; the trajectory's check says whether the oracle solved the task."""
+TEACHER_DECLINE = SolutionTurn(say="Sorry, I can't help with that here.")
+
+
+def teacher_declines(task: Task, types: list[str], rate: float) -> bool:
+    """Whether an imperfect teacher that declines `rate` of the tasks of `types` declines this one (a
+    fixed draw per task id, so a task file's dialogs are the same in every run)."""
+    return task_type(task.tags) in types and random.Random(f"{task.id}:teacher").random() < rate
+
+
+def oracle_trajectory(env: Environment, task: Task, chat: ChatTokenizer, limits: Limits = Limits(),
+                      decline: bool = False) -> Trajectory:
+    """Play `task.solution` in `env` (or, with `decline`, the teacher's one-turn decline); the
+    trajectory's check says whether the dialog solved the task."""
     if task.solution is None:
         raise ValueError(f"task {task.id} has no reference solution")
     episode = Episode(env, task, chat, limits)
     episode.start()
     calls_made = 0
-    for turn in task.solution:
+    for turn in [TEACHER_DECLINE] if decline else task.solution:
         if episode.finished:
             break
         ids = assistant_ids(chat, solution_message(turn, calls_made))
