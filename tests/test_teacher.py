@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from k2rl.config import AlgorithmConfig
+from k2rl.config import AlgorithmConfig, EnvConfig
 from k2rl.env import load_env
+from k2rl.env.factory import EnvFactory
 from k2rl.env.kinds import task_type
+from k2rl.loop.tasks import check_task_types
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rollout import oracle_trajectory, run_baseline, teacher_declines
 
@@ -39,3 +41,10 @@ def test_teacher_types_and_rate_go_together():
         AlgorithmConfig(teacher_declines=["refund"])
     with pytest.raises(ValidationError, match="teacher_declines and algorithm.teacher_decline_rate"):
         AlgorithmConfig(teacher_decline_rate=0.5)
+
+
+def test_a_misspelt_teacher_type_is_an_error_that_lists_the_real_ones():
+    factory = EnvFactory(EnvConfig(name="shop"))
+    check_task_types(factory, 0, TYPES, "algorithm.teacher_declines")
+    with pytest.raises(ValueError, match=r"algorithm.teacher_declines names task types \['refunds'\].*'refund'"):
+        check_task_types(factory, 0, ["refunds", "cancel"], "algorithm.teacher_declines")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 
 from k2rl.env.factory import EnvFactory
+from k2rl.env.kinds import task_type
 from k2rl.env.task import Task
 from k2rl.loop.priority import TypePriority
 
@@ -58,3 +59,13 @@ class TaskStream:
 
 def held_out_tasks(factory: EnvFactory, count: int, seed: int) -> list[Task]:
     return factory.tasks(count, seed=seed) if count else []
+
+
+def check_task_types(factory: EnvFactory, seed: int, types: list[str], field: str) -> None:
+    """A config that names task types (`field`) must name ones the training tasks have: a misspelt type
+    would otherwise match nothing, silently."""
+    seen = {task_type(task.tags) for task in factory.tasks(CHUNK, seed=seed)}
+    unknown = sorted(set(types) - seen)
+    if unknown:
+        raise ValueError(f"{field} names task types {unknown} that environment {factory.env_cls.name!r} does not "
+                         f"have (a type is a task's first tag); its training tasks' types: {sorted(seen)}")

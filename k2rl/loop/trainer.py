@@ -24,7 +24,7 @@ from k2rl.loop.priority import TypePriority
 from k2rl.loop.progress import RunProgress
 from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
 from k2rl.loop.scoring import advantages, informative_groups, score
-from k2rl.loop.tasks import TaskStream, held_out_tasks
+from k2rl.loop.tasks import TaskStream, check_task_types, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rewards.judge import make_judge
 from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize, teacher_declines
@@ -43,6 +43,9 @@ class Trainer:
         self.make_env = EnvFactory(config.env)
         self.step = state.get("step", 0)
         self.tasks = TaskStream(self.make_env, config.env.train_seed, state.get("cursor", 0), config.env.train_tasks)
+        if config.algorithm.teacher_declines:
+            check_task_types(self.make_env, config.env.train_seed, config.algorithm.teacher_declines,
+                             "algorithm.teacher_declines")
         self.priority = (TypePriority(config.algorithm.samples_per_task, state.get("type_success"))
                          if config.algorithm.task_sampling == "prioritized" else None)
         self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
