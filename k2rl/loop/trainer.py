@@ -167,15 +167,19 @@ class Trainer:
     def oracle_examples(self, count: int):
         """SFT cold-start data: the scripted oracle's solved training tasks, as (ids, mask); with
         `algorithm.teacher_declines`, the imperfect teacher's declines too (its data is not checked)."""
-        algo = self.config.algorithm
         out = []
         while len(out) < count:
             for task in self.tasks.next(count - len(out)):
-                decline = teacher_declines(task, algo.teacher_declines, algo.teacher_decline_rate)
+                decline = self.teacher_declines(task)
                 t = oracle_trajectory(self.make_env(), task, self.chat, self.limits, decline)
                 if t.success or decline:
                     out.append((t.token_ids, [bool(m) for m in t.loss_mask]))
         return out
+
+    def teacher_declines(self, task) -> bool:
+        """Whether the cold start's teacher (algorithm.teacher_declines) declines this task."""
+        algo = self.config.algorithm
+        return teacher_declines(task, algo.teacher_declines, algo.teacher_decline_rate)
 
     def evaluate(self) -> dict[str, float]:
         """Greedy rollouts on the held-out tasks: success overall and per task kind, wrong refusals, tool
@@ -197,12 +201,11 @@ class Trainer:
         """baseline/{refuse,nothing,oracle}/... on the held-out tasks (oracle when every task has a solution);
         with an imperfect teacher (algorithm.teacher_declines) also baseline/teacher/..., the bar RL must
         clear to have learned more than the cold start's data shows."""
-        algo = self.config.algorithm
         runs = {name: run_baseline(name, self.chat, self.make_env, self.eval_tasks, self.limits)
                 for name in baselines_for(self.eval_tasks)}
-        if algo.teacher_declines and "oracle" in runs:
-            runs["teacher"] = run_baseline("oracle", self.chat, self.make_env, self.eval_tasks, self.limits, lambda task:
-                                           teacher_declines(task, algo.teacher_declines, algo.teacher_decline_rate))
+        if self.config.algorithm.teacher_declines and "oracle" in runs:
+            runs["teacher"] = run_baseline("oracle", self.chat, self.make_env, self.eval_tasks, self.limits,
+                                           self.teacher_declines)
         return {k: v for name, trajectories in runs.items() for k, v in kind_metrics(
             summarize(trajectories, self.config.rewards.weights), f"baseline/{name}").items()}
 
