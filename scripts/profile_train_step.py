@@ -77,10 +77,14 @@ def main() -> None:
           f"Newton-Schulz in {engine.client_optimizer.ns_dtype}")
     for name, seconds in timings.items():
         print(f"{name:44} {seconds * 1e3:8.1f} ms  {tokens / seconds / 1e3:6.1f}k tokens/s")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60))
+    # Which tensors the copies and casts move (a cast is aten::copy_ under aten::_to_copy)
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    print(by_shape.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=40,
+                         max_shapes_column_width=90))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ from k2rl.engines.offload import PinnedOffloader
 from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, concat_batches, is_routed_expert
 from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.experts import set_experts_implementation
-from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
+from k2rl.model.modeling import (head_max_logits, reset_max_logits, round_activations_to_autocast_dtype,
+                                 to_checkpoint_names, trainable_state)
 from k2rl.model.routing import Replay, replay_routing
 from k2rl.model.shared_prefix import padded_logprobs, shared_prefix_length
 
@@ -125,6 +126,7 @@ class TrainEngine:
             low_precision = self.on_gpu and not fp32_master(job_cfg)
             model = load_model(model_dir, torch.bfloat16 if low_precision else torch.float32)
         set_experts_implementation(model, job_cfg.train.experts_implementation, self.device)
+        round_activations_to_autocast_dtype(model)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if job_cfg.train.zero_stage == 3:
@@ -144,6 +146,7 @@ class TrainEngine:
         if reference_dir is not None:
             self.reference = load_model(reference_dir, next(self.model.parameters()).dtype).eval().requires_grad_(False)
             set_experts_implementation(self.reference, job_cfg.train.experts_implementation, self.device)
+            round_activations_to_autocast_dtype(self.reference)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _forward_logprobs(self, mb: TokenBatch, module=None, replay: Replay | None = None) -> list[torch.Tensor]:
@@ -197,8 +200,12 @@ class TrainEngine:
         if self.reference is None:
             raise RuntimeError("no reference policy: the engine was built without reference_dir")
         self.reference.to(self.device)
+        # The policy computes under DeepSpeed's autocast (config "torch_autocast"); the reference, called
+        # outside the engine, must round alike, or the KL term starts at their rounding gap, not 0.
+        autocast = ds_config(self.job, self.on_gpu)["torch_autocast"]["enabled"]
         try:
-            return self._no_grad_logprobs(batch, self.reference)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                return self._no_grad_logprobs(batch, self.reference)
         finally:
             self.reference.to("cpu")
 
