@@ -41,7 +41,8 @@ if [[ $PART == gap || $PART == all ]]; then
   grep -E "^\[|^layer|Error|error" "$LOGS/gap.log" | tail -40
 fi
 if [[ $PART == demo ]]; then
-  python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
+  # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs
+  timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
     | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log" || status=1
   for run in /tmp/gpu-demo/demo-*; do
     [ -d "$run" ] || continue
