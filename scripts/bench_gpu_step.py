@@ -3,7 +3,8 @@
 - rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
   `LLM` with the same settings, on the same prompts and sampling: tokens/s;
 - train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
-  transformers with grouped_mm experts (bf16, fused AdamW), on the same batch: tokens/s and MFU
+  transformers with grouped_mm experts (bf16, fused AdamW), on the same batch, with the config's
+  gradient checkpointing and (when that is on) again without: tokens/s and MFU
   (6 x active params x tokens / 790 TFLOP/s; active = all parameters minus the input embedding and
   the routed experts a token does not use; attention scores and recomputation not counted);
 - sync: trainer -> vLLM GB/s vs a device copy of the same bytes;
@@ -142,8 +143,8 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine
                      lambda outs: sum(len(o.outputs[0].token_ids) for o in outs))[1]
 
 
-def grouped_mm_tokens_per_s(model_dir, batch, steps: int = 3) -> float:
-    """transformers' own DeepseekV3 with grouped_mm experts: bf16, gradient checkpointing, fused AdamW."""
+def grouped_mm_tokens_per_s(model_dir, batch, checkpointing: bool, steps: int = 3) -> float:
+    """transformers' own DeepseekV3 with grouped_mm experts: bf16, fused AdamW."""
     from k2rl.model.checkpoint import load_config
     from transformers import DeepseekV3ForCausalLM
 
@@ -152,7 +153,8 @@ def grouped_mm_tokens_per_s(model_dir, batch, steps: int = 3) -> float:
     config._experts_implementation = "grouped_mm"
     with torch.device("cuda"):
         model = DeepseekV3ForCausalLM(config).to(torch.bfloat16)
-    model.gradient_checkpointing_enable()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     ids = torch.nn.utils.rnn.pad_sequence(batch.input_ids, batch_first=True).cuda()
@@ -309,6 +311,12 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     out["train/tokens_per_s_4_micro_batches"] = 4 * tokens / seconds_four
     out["train/fwd_bwd_tokens_per_s"] = tokens / fwd_bwd
     out["time/optimizer_step"] = seconds - fwd_bwd
+    checkpointing = worker.train.model.is_gradient_checkpointing
+    if checkpointing:  # what the step costs where memory allows it without (k2-mini on one GPU does)
+        worker.train.model.gradient_checkpointing_disable()
+        _, seconds_plain = timed(lambda: worker.train_step(train_batch, nll))
+        out["train/tokens_per_s_no_checkpointing"] = tokens / seconds_plain
+        worker.train.model.gradient_checkpointing_enable()
     worker.to_rollout()
 
     after, out["rollout/tokens_per_s_after_reload"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
@@ -319,7 +327,11 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
         out["sync/device_copy_gb_per_s"] = device_copy_gb_per_s(int(out["sync/bytes"]))
         worker.train.offload()  # leave the GPU to the baselines (vLLM already sleeps in TRAIN)
         out["memory/all_offloaded"] = used_gib()
-        out["baseline/grouped_mm_tokens_per_s"] = grouped_mm_tokens_per_s(model_dir, train_batch)
+        out["baseline/grouped_mm_tokens_per_s"] = grouped_mm_tokens_per_s(model_dir, train_batch, checkpointing)
+        if checkpointing:
+            out["baseline/grouped_mm_tokens_per_s_no_checkpointing"] = grouped_mm_tokens_per_s(model_dir, train_batch, False)
+            out["train/vs_grouped_mm_no_checkpointing"] = (out["train/tokens_per_s_no_checkpointing"]
+                                                           / out["baseline/grouped_mm_tokens_per_s_no_checkpointing"])
         out["baseline/grouped_mm_mfu"] = (6 * active_params(config) * out["baseline/grouped_mm_tokens_per_s"]
                                           / (PEAK_TFLOPS * 1e12))
         out["baseline/standalone_vllm_tokens_per_s"] = standalone_in_own_process(args, model_dir, "vllm")
