@@ -48,3 +48,18 @@ def test_offload_leaves_the_device_and_reload_restores(engine):
     assert left < 1 << 30  # the issue's bound; here a fixed 64 MiB communication bucket stays
     engine.reload()
     torch.testing.assert_close(engine.logprobs(batch)[0], before, rtol=0, atol=0)
+
+
+def test_reference_computes_like_the_policy(tiny_model_dir, world_of_one):
+    """Same weights, same numbers: the reference runs under the policy's bf16 autocast (the KL term
+    starts at 0, not at the gap between an fp32 and a bf16 forward)."""
+    from k2rl.config import JobConfig
+    from k2rl.engines.train import TrainEngine
+    from k2rl.engines.types import TokenBatch
+
+    job = JobConfig(optimizer={"name": "muonclip", "lr": 1e-3}, train={"zero_stage": 0},
+                    algorithm={"name": "grpo", "kl_coef": 0.1})
+    engine = TrainEngine(tiny_model_dir, job, reference_dir=tiny_model_dir)
+    batch = TokenBatch.from_lists(torch.randint(20, 4000, (4, 64), generator=torch.Generator().manual_seed(1)).tolist())
+    torch.testing.assert_close(torch.cat(engine.reference_logprobs(batch)), torch.cat(engine.logprobs(batch)),
+                               rtol=0, atol=0)
