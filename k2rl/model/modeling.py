@@ -5,7 +5,6 @@ We keep transformers' implementation (MLA, sigmoid noaux_tc router, shared exper
 - weight export and import under the checkpoint names vLLM loads (one tensor per expert), since
   transformers holds experts fused as [E, 2I, H] / [E, H, I].
 How the experts multiply (per-expert loop or grouped GEMMs) is chosen in experts.py.
-- under autocast, activations between layers in autocast's dtype, as vLLM keeps them (below).
 """
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from collections.abc import Iterable, Iterator
 
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
 
 from k2rl.model.attention import MAX_LOGIT_ATTENTION, MAX_LOGIT_ATTR
 from k2rl.model.shared_prefix import token_logprobs
@@ -49,25 +47,6 @@ def build_model(config: DeepseekV3Config, dtype: torch.dtype = torch.float32, se
         torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(config).to(dtype)
     return model
-
-
-def _to_autocast_dtype(module, args, output):
-    device = output.device.type
-    if torch.is_autocast_enabled(device) and output.dtype != torch.get_autocast_dtype(device):
-        return output.to(torch.get_autocast_dtype(device))
-    return None  # unchanged
-
-
-def round_activations_to_autocast_dtype(model: torch.nn.Module) -> None:
-    """Under autocast, make the embedding's and every RMSNorm's output autocast's dtype (a no-op without
-    autocast). With fp32 master weights autocast alone would keep them fp32 (fp32 embedding table, fp32
-    norm weight times bf16), and with them the residual stream: twice the bytes of every activation
-    between the matmuls, a cast before each one, the MoE's token gather in fp32, and a model that rounds
-    elsewhere than vLLM, whose residual stream and norm outputs are bf16 (Megatron's bf16 training keeps
-    the residual in bf16 as well). The casts are differentiable: gradients reach the fp32 weights."""
-    for module in model.modules():
-        if isinstance(module, (DeepseekV3RMSNorm, torch.nn.Embedding)):
-            module.register_forward_hook(_to_autocast_dtype)
 
 
 _FUSED_GATE_UP = re.compile(r"^(.*\.mlp\.experts)\.gate_up_proj$")
