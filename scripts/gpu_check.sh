@@ -23,7 +23,8 @@ if [[ $PART == tests || $PART == all ]]; then
   # One process per engine configuration (vLLM engines of one process share its distributed state);
   # -s: vLLM redirects the real stdout while it builds process groups, which pytest's capture hides.
   for t in "tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs" \
-           tests/test_worker_gpu.py tests/test_train_engine_gpu.py "tests/test_shared_prefix.py -m gpu"; do
+           tests/test_worker_gpu.py tests/test_train_engine_gpu.py \
+           "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py -m gpu"; do
     echo "== pytest $t" | tee -a "$LOGS/tests.log"
     timeout 300 python3 -m pytest -x -q -s -p no:cacheprovider $t >> "$LOGS/tests.log" 2>&1 || status=1
     grep -E "GPU memory used|logprob gap|passed|failed|^E |Error" "$LOGS/tests.log" | tail -8

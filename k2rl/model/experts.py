@@ -1,41 +1,53 @@
 """How the trainer's MoE experts multiply: transformers' per-expert loop, or grouped GEMMs.
 
-transformers' `grouped_mm` experts run one grouped GEMM per projection over all experts. torch's
-grouped_mm is not autocast-enabled, though: with fp32 master weights under bf16 autocast (MuonClip on
-a GPU) it would multiply in fp32, off the bf16 fast path. Our variant first casts the expert stacks to
-autocast's dtype, as autocast does for every nn.Linear; gradients still reach the fp32 parameters.
-The parameters are the same fused [E, 2I, H] / [E, H, I] tensors either way, so MuonClip's per-expert
-matrices and the per-expert checkpoint export do not depend on the choice.
+The grouped path runs one grouped GEMM per projection over all experts (torch's grouped_mm), our own
+forward rather than transformers' `grouped_mm` experts, for two reasons measured on the GPU:
+- torch's grouped_mm is not autocast-enabled. With fp32 master weights under bf16 autocast (MuonClip
+  on a GPU) the expert stacks and the tokens must be cast to autocast's dtype by hand, as autocast
+  does for every nn.Linear; we cast the tokens before gathering them (top_k rows per token), not after.
+- transformers 5.17 (the GPU image's) masks expert-parallel sentinel rows on every call, EP or not:
+  three passes over [tokens x top_k, hidden] tensors per MoE layer, 12% of a k2-mini step on an H100
+  (`scripts/profile_train_step.py`, 2026-12-06). The trainer never splits experts, so there are none.
+The parameters are transformers' fused [E, 2I, H] / [E, H, I] stacks either way, so MuonClip's
+per-expert matrices and the per-expert checkpoint export do not depend on the choice; gradients
+reach the fp32 stacks through the casts.
 """
 from __future__ import annotations
 
 import torch
-from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+import torch.nn.functional as F
+from transformers.integrations.moe import ExpertsInterface
 
 GROUPED_MM_AUTOCAST = "k2rl_grouped_mm_autocast"
 
 
-class _CastExperts:
-    """An experts module seen with its weight stacks in another dtype (differentiable casts)."""
-
-    def __init__(self, experts: torch.nn.Module, dtype: torch.dtype):
-        self._experts = experts
-        self.gate_up_proj = experts.gate_up_proj.to(dtype)
-        self.down_proj = experts.down_proj.to(dtype)
-
-    def __getattr__(self, name):
-        return getattr(self._experts, name)
+def _grouped_mm(rows: torch.Tensor, weights_t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """torch's public grouped GEMM where this torch has it, else the private op it wraps."""
+    return getattr(F, "grouped_mm", torch._grouped_mm)(rows, weights_t, offs=offsets)
 
 
-def grouped_mm_autocast_forward(self, hidden_states, top_k_index, top_k_weights):
-    """transformers' grouped_mm experts, computed in autocast's dtype when autocast is on."""
+def grouped_mm_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                       top_k_weights: torch.Tensor) -> torch.Tensor:
+    """[tokens, hidden] -> [tokens, hidden]: each token through its top_k experts, weighted and summed
+    (in fp32, as transformers sums them), computed in autocast's dtype when autocast is on."""
     device = hidden_states.device.type
-    if torch.is_autocast_enabled(device) and self.gate_up_proj.dtype != torch.get_autocast_dtype(device):
-        self = _CastExperts(self, torch.get_autocast_dtype(device))
-    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
+    num_tokens, top_k = top_k_index.shape
+    expert_of_row, order = torch.sort(top_k_index.reshape(-1))  # rows grouped by expert
+    rows = hidden_states.to(dtype)[order // top_k]
+    # histc, not bincount: no host sync (CUDA graphs); it takes floats on the CPU and ints on CUDA
+    counts = torch.histc(expert_of_row.float() if device == "cpu" else expert_of_row.int(),
+                         bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    up = _grouped_mm(rows, self.gate_up_proj.to(dtype).transpose(-2, -1), offsets)
+    out = _grouped_mm(self._apply_gate(up), self.down_proj.to(dtype).transpose(-2, -1), offsets)
+    weighted = out * top_k_weights.reshape(-1)[order, None]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return weighted[inverse].view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 
-ExpertsInterface.register(GROUPED_MM_AUTOCAST, grouped_mm_autocast_forward)
+ExpertsInterface.register(GROUPED_MM_AUTOCAST, grouped_mm_forward)
 
 
 def set_experts_implementation(model: torch.nn.Module, choice: str, device: torch.device) -> str:
