@@ -11,6 +11,7 @@ from k2rl.engines.types import TokenBatch
 from k2rl.env.environment import CheckResult
 from k2rl.env.factory import EnvFactory
 from k2rl.loop.data import encode_sft_example
+from k2rl.loop.metrics import MetricsLog
 from k2rl.loop.objective import Objective
 from k2rl.loop.priority import DECAY, FLOOR, TypePriority
 from k2rl.loop.run_dir import RunDir
@@ -145,3 +146,17 @@ def test_checkpoints_commit_atomically_and_rotate(tmp_path):
     assert run.latest().name == "step_3"
     assert [p.name for p in run.completed()] == ["step_2", "step_3"]
     assert json.loads((run.latest() / "trainer_state.json").read_text()) == {"step": 3}
+
+
+def test_plots_follow_evaluations_not_every_step(tmp_path, monkeypatch):
+    """Redrawing the PNGs costs a fraction of a second; a fast step must not pay it each time."""
+    log = MetricsLog(tmp_path, tensorboard=False)
+    drawn, draw = [], log.plot
+    monkeypatch.setattr(log, "plot", lambda: drawn.append(len(log.rows)) or draw())
+    for step in range(1, 6):
+        log.log(step, {"train/loss": 1.0 / step})
+    log.log(6, {"eval/success": 0.5, "train/loss": 0.1})
+    log.log(7, {"train/loss": 0.1})
+    log.close()
+    assert drawn == [1, 6, 7]  # the first row, the evaluation, the close
+    assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"reward.png", "success.png", "kinds.png", "time.png"}
