@@ -42,7 +42,8 @@ if [[ $PART == gap || $PART == all ]]; then
   grep -E "^\[|^layer|Error|error" "$LOGS/gap.log" | tail -40
 fi
 if [[ $PART == demo ]]; then
-  # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs
+  # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
+  # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)
   timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
     | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log" || status=1
   for run in /tmp/gpu-demo/demo-*; do
