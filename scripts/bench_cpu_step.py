@@ -10,8 +10,9 @@ demo workers split it).
 Steps alternate between the engine as it is, the same without running the dialogs' shared prefix
 (system prompt and tool schemas) once (`train.shared_prefix`, k2rl.model.shared_prefix), with
 SDPA's math kernel, which attention ran on the CPU before (see k2rl.model.attention), and with
-every position projected to the vocabulary, not only the loss tokens' (as before 2026-12-05), so their
-ratios are measured in one run on a shared, noisy machine. Per variant: median wall seconds of each
+every position projected to the vocabulary, not only the loss tokens' (as before 2026-12-05), and with
+DeepSpeed's gradient all-reduce, which a world of one skips (as before 2026-12-06), so their ratios
+are measured in one run on a shared, noisy machine. Per variant: median wall seconds of each
 phase (forward, backward, optimizer step, QK-Clip, the rest), and the step's CPU seconds (user +
 sys, which time-slicing by other jobs does not inflate) and page faults. Then the bare model's forward + backward of the same batch (no engine or optimizer).
 
@@ -162,7 +163,8 @@ def main() -> None:
         return
 
     variants = {"as is": nullcontext, "unshared": lambda: patched(engine, "_shared_prefix", lambda batch: 0),
-                "math attn": with_math_attention, "all scored": score_every_token}
+                "math attn": with_math_attention, "all scored": score_every_token,
+                "all-reduce": lambda: patched(engine.engine, "enable_backward_allreduce", True)}
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
     bare = []
     for _ in range(args.steps):  # interleaved, so every variant sees the same load

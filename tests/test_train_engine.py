@@ -193,3 +193,19 @@ def test_logprobs_and_step_replay_the_batch_routing(engine):
     batch.token_data[ROUTED_EXPERTS] = [(r + 1) % experts for r in batch.token_data[ROUTED_EXPERTS]]
     assert not any(torch.allclose(a[1:], b[1:]) for a, b in zip(engine.logprobs(batch), base))
     assert engine.train_step(batch, nll)["grad_norm"] > 0
+
+
+def test_a_world_of_one_skips_the_gradient_all_reduce_and_steps_the_same(tiny_model_dir, world_of_one):
+    """DeepSpeed's all-reduce over a single rank only copies gradients out and back: skipping it
+    (ZeRO 0) leaves the step bit for bit what it was."""
+    job = JobConfig(optimizer={"name": "muonclip", "lr": 1e-2}, train={"zero_stage": 0})
+    batch = TokenBatch.from_lists(SEQS)
+    skipping, reducing = TrainEngine(tiny_model_dir, job), TrainEngine(tiny_model_dir, job)
+    assert not skipping.engine.enable_backward_allreduce
+    reducing.engine.enable_backward_allreduce = True  # DeepSpeed's own path, as a reference
+    for engine in (skipping, reducing):
+        engine.train_step(batch, nll)
+        engine.train_step(batch, nll)
+    for (name, a), (_, b) in zip(skipping.model.named_parameters(), reducing.model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(skipping.model.model.embed_tokens.weight, load_model(tiny_model_dir).model.embed_tokens.weight)

@@ -134,6 +134,11 @@ class TrainEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job_cfg, self.on_gpu))
         self.model = self.engine.module
+        if self.world == 1 and job_cfg.train.zero_stage == 0:
+            # Without ZeRO, DeepSpeed all-reduces the gradients at every boundary by flattening them into
+            # buckets and copying them back, even for a world of one: passes over every gradient that
+            # leave it as it was. (Under ZeRO the optimizer's reduce moves gradients into its partitions.)
+            self.engine.enable_backward_allreduce = False
         self.zero3 = job_cfg.train.zero_stage == 3
         self.client_optimizer = optimizer
         if job_cfg.train.zero_stage and hasattr(optimizer, "attach_zero"):
