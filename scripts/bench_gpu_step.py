@@ -109,11 +109,6 @@ def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
     return {**out, **measured(prefix)}
 
 
-def nll(new_logprobs, batch):
-    mask = torch.cat(batch.loss_mask).float()
-    return -(torch.cat(new_logprobs) * mask).sum() / mask.sum(), {}
-
-
 def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine: bool) -> float:
     """Plain vLLM, as a user would start it, with the rollout engine's settings (run in a process of
     its own: a second engine in the worker's process fails in its compiled kernels); or the project's
@@ -267,11 +262,14 @@ def print_figures(out: dict, json_path: str | None) -> None:
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
     """Fills `out` as it goes, so a failure late in the run still reports what was measured."""
+    from k2rl.config import AlgorithmConfig
     from k2rl.engines.types import SamplingConfig, completion_batch, concat_batches
     from k2rl.engines.world import free_port
+    from k2rl.loop.objective import Objective
     from k2rl.worker import Worker
 
     out["memory/start"] = used_gib()
+    nll = Objective(AlgorithmConfig(name="sft"))  # next-token loss on the batch's loss tokens
 
     worker = Worker(0, 1)
     master = ("127.0.0.1", free_port())
