@@ -201,12 +201,13 @@ class TrainEngine:
         for this call."""
         if self.reference is None:
             raise RuntimeError("no reference policy: the engine was built without reference_dir")
+        from deepspeed.runtime.torch_autocast import autocast_if_enabled
+
         self.reference.to(self.device)
-        # The policy computes under DeepSpeed's autocast (config "torch_autocast"); the reference, called
-        # outside the engine, must round alike, or the KL term starts at their rounding gap, not 0.
-        autocast = ds_config(self.job, self.on_gpu)["torch_autocast"]["enabled"]
         try:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            # The policy's forward runs in the engine's autocast; the reference, called outside the engine,
+            # enters the same one, or the KL term starts at their rounding gap, not 0.
+            with autocast_if_enabled(self.engine):
                 return self._no_grad_logprobs(batch, self.reference)
         finally:
             self.reference.to("cpu")
