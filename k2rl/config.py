@@ -30,6 +30,9 @@ class ModelConfig(Section):
     preset: Literal["k2", "k2-mini", "k2-tiny"] = "k2-tiny"
     path: str | None = Field(None, description="HF-layout checkpoint directory (ours, or real K2 FP8); else build `preset`")
     dtype: Literal["float32", "bfloat16"] = "float32"
+    fp32_head: bool = Field(
+        True, description="in bf16 both engines return the vocabulary projection's logits in fp32 (vLLM's "
+        "head_dtype=float32; the trainer's bf16 GEMM accumulates into fp32) instead of rounding them to bf16")
     init_seed: int = Field(0, description="seed of the random init when building a preset")
 
 

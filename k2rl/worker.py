@@ -111,7 +111,7 @@ class Worker:
         self.train.offload()
         with self._timed("time/setup_rollout"):  # the ranks of one engine share its seed
             engine = self.rank // self.job.rollout.tensor_parallel_size
-            self.rollout = RolloutEngine.from_config(model_dir, self.job.rollout, self.job.model.dtype,
+            self.rollout = RolloutEngine.from_config(model_dir, self.job.rollout, self.job.model,
                                                      self.job.run.seed + engine)
         self.phase = Phase.ROLLOUT
 

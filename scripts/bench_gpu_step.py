@@ -121,7 +121,7 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine
         from k2rl.engines.rollout import RolloutEngine
         from k2rl.engines.types import SamplingConfig
 
-        engine = RolloutEngine.from_config(model_dir, job.rollout, job.model.dtype, job.run.seed)
+        engine = RolloutEngine.from_config(model_dir, job.rollout, job.model, job.run.seed)
         engine.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
         return best_rate(lambda: engine.generate(prompts, sampling), engine_tokens)[1]
     r = job.rollout

@@ -24,7 +24,7 @@ if [[ $PART == tests || $PART == all ]]; then
   # -s: vLLM redirects the real stdout while it builds process groups, which pytest's capture hides.
   for t in "tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs" \
            tests/test_worker_gpu.py tests/test_train_engine_gpu.py \
-           "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py -m gpu"; do
+           "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py tests/test_head.py -m gpu"; do
     echo "== pytest $t" | tee -a "$LOGS/tests.log"
     timeout 300 python3 -m pytest -x -q -s -p no:cacheprovider $t >> "$LOGS/tests.log" 2>&1 || status=1
     grep -E "GPU memory used|logprob gap|passed|failed|^E |Error" "$LOGS/tests.log" | tail -8
@@ -40,6 +40,8 @@ if [[ $PART == gap || $PART == all ]]; then
   build_model
   python3 scripts/gpu_gap.py $MODEL > "$LOGS/gap.log" 2>&1 || status=1
   grep -E "^\[|^layer|Error|error" "$LOGS/gap.log" | tail -40
+  python3 scripts/gpu_gap.py $MODEL --bf16-logits > "$LOGS/gap_bf16_logits.log" 2>&1 || status=1
+  grep -E "^\[|Error|error" "$LOGS/gap_bf16_logits.log" | tail -6
 fi
 if [[ $PART == demo ]]; then
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:

@@ -10,7 +10,10 @@
 3. attention layer by layer, isolated the same way (vLLM's MLA input fed to the trainer's attention);
 4. the residual stream after each decoder layer, vLLM vs trainer, on one prompt.
 
-    python scripts/gpu_gap.py MODEL_DIR [--dtype bfloat16]
+Both engines return fp32 logits (`model.fp32_head`, k2rl.model.head); `--bf16-logits` rounds them to
+bf16 in both, as before that setting.
+
+    python scripts/gpu_gap.py MODEL_DIR [--dtype bfloat16] [--bf16-logits]
 """
 from __future__ import annotations
 
@@ -171,23 +174,28 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--bf16-logits", action="store_true", help="both engines round the logits to bf16")
     args = ap.parse_args()
 
     from vllm import LLM
 
     from k2rl.model.agreement import vllm_engine_args
     from k2rl.model.checkpoint import load_model
+    from k2rl.model.head import use_fp32_logits
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype)
     trainer_low = load_model(args.model_dir, dtype).eval().to(device)
     trainer_fp32 = load_model(args.model_dir, torch.float32).eval().to(device) if dtype != torch.float32 else None
+    for trainer in (trainer_low, trainer_fp32):
+        if trainer is not None and not args.bf16_logits:
+            use_fp32_logits(trainer)
     gen = torch.Generator().manual_seed(0)
     vocab = trainer_low.config.vocab_size
     prompts = [torch.randint(20, vocab, (8,), generator=gen).tolist() for _ in range(args.prompts)]
     # One engine (a second in the same process fails in its compiled kernels); prefix caching off, so
     # every report runs the whole prompt through the model.
-    llm = LLM(**vllm_engine_args(args.model_dir, args.dtype, gpu_memory_utilization=0.3, kv_cache_memory_bytes=2 << 30,
+    llm = LLM(**vllm_engine_args(args.model_dir, args.dtype, not args.bf16_logits, gpu_memory_utilization=0.3, kv_cache_memory_bytes=2 << 30,
                                  enable_return_routed_experts=torch.cuda.is_available(), enable_prefix_caching=False))
     outs = sample(llm, prompts, args.tokens)
     trainers = [(f"{args.dtype} weights", trainer_low, False)]

@@ -159,7 +159,7 @@ def _policy(args, config):
     from k2rl.engines.rollout import RolloutEngine
 
     chat = ChatTokenizer(args.model)
-    engine = RolloutEngine.from_config(args.model, config.rollout, dtype=config.model.dtype, seed=config.run.seed)
+    engine = RolloutEngine.from_config(args.model, config.rollout, config.model, seed=config.run.seed)
     return engine, chat
 
 

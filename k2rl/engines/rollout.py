@@ -29,9 +29,14 @@ from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.routing import moe_layer_ids
 
 if TYPE_CHECKING:
-    from k2rl.config import RolloutEngineConfig
+    from k2rl.config import ModelConfig, RolloutEngineConfig
 
 TAGS = ("weights", "kv_cache")
+
+
+def head_dtype_override(dtype: str, fp32_head: bool) -> dict:
+    """LLM(...) arguments for fp32 logits from a bf16 model (vLLM's `head_dtype`, vLLM >= 0.26)."""
+    return {"hf_overrides": {"head_dtype": "float32"}} if fp32_head and dtype != "float32" else {}
 
 
 class RolloutEngine:
@@ -39,14 +44,15 @@ class RolloutEngine:
 
     def __init__(self, model_dir, *, dtype="float32", seed=0, max_model_len=2048, kv_cache_memory_bytes=256 << 20,
                  gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1,
-                 expert_parallel=False, routing_replay=False):
+                 expert_parallel=False, routing_replay=False, fp32_head=True):
         """With `tensor_parallel_size` > 1 this is one rank of an engine spanning that many processes of an
         existing torch.distributed world (RANK/WORLD_SIZE/MASTER_* set, consecutive ranks form an engine):
         vLLM's external launcher runs the rank in this process; every rank of the engine must get the
         same prompts and seeds (their schedulers then step in lockstep).
 
         With `routing_replay` every Generation carries the experts vLLM routed each position to
-        (`Generation.routed_experts`, MoE layers only), for the trainer to replay."""
+        (`Generation.routed_experts`, MoE layers only), for the trainer to replay. `fp32_head`: logits in
+        fp32 when the model runs in bf16, as the trainer's (k2rl.model.head)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
         from vllm import LLM
 
@@ -60,7 +66,8 @@ class RolloutEngine:
         # budget on whitespace between keys. xgrammar is the backend that honours the switch.
         kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
-                      structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+                      structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+                      **head_dtype_override(dtype, fp32_head))
         if tensor_parallel_size > 1:
             # Custom all-reduce needs IPC to every GPU of the group; a Ray actor sees only its own.
             kwargs.update(distributed_executor_backend="external_launcher", enable_expert_parallel=expert_parallel,
@@ -84,8 +91,8 @@ class RolloutEngine:
         self.direct_experts = self.on_gpu and all(self.llm.collective_rpc(_can_copy_experts))
 
     @classmethod
-    def from_config(cls, model_dir, cfg: RolloutEngineConfig, dtype: str, seed: int) -> RolloutEngine:
-        return cls(model_dir, dtype=dtype, seed=seed, max_model_len=cfg.max_model_len,
+    def from_config(cls, model_dir, cfg: RolloutEngineConfig, model: ModelConfig, seed: int) -> RolloutEngine:
+        return cls(model_dir, dtype=model.dtype, fp32_head=model.fp32_head, seed=seed, max_model_len=cfg.max_model_len,
                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
                    tensor_parallel_size=cfg.tensor_parallel_size, expert_parallel=cfg.expert_parallel,

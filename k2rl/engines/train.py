@@ -37,6 +37,7 @@ from k2rl.engines.offload import PinnedOffloader
 from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, concat_batches, is_routed_expert
 from k2rl.model.checkpoint import load_model, save_weights, write_config
 from k2rl.model.experts import set_experts_implementation
+from k2rl.model.head import use_fp32_logits
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
 from k2rl.model.routing import Replay, replay_routing
 from k2rl.model.shared_prefix import padded_logprobs, shared_prefix_length
@@ -125,6 +126,8 @@ class TrainEngine:
             low_precision = self.on_gpu and not fp32_master(job_cfg)
             model = load_model(model_dir, torch.bfloat16 if low_precision else torch.float32)
         set_experts_implementation(model, job_cfg.train.experts_implementation, self.device)
+        if job_cfg.model.fp32_head:
+            use_fp32_logits(model)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if job_cfg.train.zero_stage == 3:
@@ -149,6 +152,8 @@ class TrainEngine:
         if reference_dir is not None:
             self.reference = load_model(reference_dir, next(self.model.parameters()).dtype).eval().requires_grad_(False)
             set_experts_implementation(self.reference, job_cfg.train.experts_implementation, self.device)
+            if job_cfg.model.fp32_head:
+                use_fp32_logits(self.reference)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _forward_logprobs(self, mb: TokenBatch, module=None, replay: Replay | None = None) -> list[torch.Tensor]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from k2rl.model.checkpoint import load_model
+from k2rl.model.head import use_fp32_logits
 from k2rl.model.modeling import completion_logprobs
 
 
@@ -21,10 +22,12 @@ class Agreement:
     tokens: int
 
 
-def vllm_engine_args(model_dir, dtype: str, **overrides) -> dict:
+def vllm_engine_args(model_dir, dtype: str, fp32_head: bool = True, **overrides) -> dict:
     """LLM(...) arguments that work for K2-architecture models on this machine (see PLATFORM.md)."""
+    from k2rl.engines.rollout import head_dtype_override
+
     args = dict(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=1024,
-                kv_cache_memory_bytes=256 << 20, seed=0)
+                kv_cache_memory_bytes=256 << 20, seed=0, **head_dtype_override(dtype, fp32_head))
     if not torch.cuda.is_available():
         from k2rl.engines.vllm_fixes import patch_cpu_rotary
 
@@ -37,12 +40,13 @@ def vllm_engine_args(model_dir, dtype: str, **overrides) -> dict:
     return args
 
 
-def measure(model_dir, dtype: str = "float32", prompts: int = 8, tokens: int = 32, seed: int = 0) -> Agreement:
+def measure(model_dir, dtype: str = "float32", prompts: int = 8, tokens: int = 32, seed: int = 0,
+            fp32_head: bool = True) -> Agreement:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(**vllm_engine_args(model_dir, dtype))
+    llm = LLM(**vllm_engine_args(model_dir, dtype, fp32_head))
     gen = torch.Generator().manual_seed(seed)
     vocab = llm.get_tokenizer().vocab_size
     batch = [torch.randint(20, vocab, (8,), generator=gen).tolist() for _ in range(prompts)]
@@ -50,6 +54,8 @@ def measure(model_dir, dtype: str = "float32", prompts: int = 8, tokens: int = 3
                         SamplingParams(max_tokens=tokens, temperature=1.0, logprobs=0, seed=seed, ignore_eos=True),
                         use_tqdm=False)
     model = load_model(model_dir, getattr(torch, dtype)).eval()
+    if fp32_head:
+        use_fp32_logits(model)
     gaps = []
     for prompt, out in zip(batch, outs):
         sample = out.outputs[0]
