@@ -6,7 +6,9 @@
   transformers with grouped_mm experts (bf16, fused AdamW), on the same batch, with the config's
   gradient checkpointing and (when that is on) again without: tokens/s and MFU
   (6 x active params x tokens / 790 TFLOP/s; active = all parameters minus the input embedding and
-  the routed experts a token does not use; attention scores and recomputation not counted);
+  the routed experts a token does not use; attention scores and recomputation not counted); the
+  trainer's step right after the switch from rollout (what an RL step of one micro-batch pays: the
+  trainer's memory comes back from the host and its allocator starts empty) and in the steady state;
 - sync: trainer -> vLLM GB/s vs a device copy of the same bytes;
 - sleep / wake / offload / reload times and GPU memory in each phase (second round trip: the first
   offload pins host memory);
@@ -36,6 +38,7 @@ ON_GPU = torch.cuda.is_available()
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if ON_GPU else "cpu")
 PEAK_TFLOPS = 790.0  # H200 dense bf16, measured (PLATFORM.md)
 ROLLOUT_REPEATS = 3
+STEADY_STEPS = 3
 
 
 def used_gib() -> float:
@@ -290,10 +293,13 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
             worker.stats()
         _, seconds = timed(lambda: worker.train_step(train_batch, nll))
         out["memory/train_step_peak_torch"] = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
+        if round_trip == 1:  # the steps after the first: what a step costs without the switch before it
+            _, seconds_steady = timed(lambda: [worker.train_step(train_batch, nll) for _ in range(STEADY_STEPS)])
         worker.to_rollout()
         switch.update(worker.stats())
     tokens = sum(len(s) for s in train_batch.input_ids)
     out["train/tokens_per_s"] = tokens / seconds
+    out["train/tokens_per_s_steady"] = STEADY_STEPS * tokens / seconds_steady
     out["train/mfu"] = 6 * active_params(config) * tokens / seconds / (PEAK_TFLOPS * 1e12)
     out.update({k: switch[k] for k in ("time/sleep", "time/reload", "time/wake", "time/sync", "time/offload",
                                        "sync/bytes", "sync/gb_per_s") if k in switch})
