@@ -18,18 +18,18 @@ build_model() {
 }
 status=0
 if [[ $PART == tests || $PART == all ]]; then
-  build_model > "$LOGS/make_model.log" 2>&1 &
-  builder=$!
+  # First, not beside the tests: it builds on the GPU, and the engine tests read the GPU's memory
+  build_model > "$LOGS/make_model.log" 2>&1 || status=1
   # One process per engine configuration (vLLM engines of one process share its distributed state);
   # -s: vLLM redirects the real stdout while it builds process groups, which pytest's capture hides.
   for t in "tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs" \
            tests/test_worker_gpu.py tests/test_train_engine_gpu.py \
            "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py tests/test_head.py -m gpu"; do
     echo "== pytest $t" | tee -a "$LOGS/tests.log"
+    seen=$(wc -l < "$LOGS/tests.log")
     timeout 300 python3 -m pytest -x -q -s -p no:cacheprovider $t >> "$LOGS/tests.log" 2>&1 || status=1
-    grep -E "GPU memory used|logprob gap|passed|failed|^E |Error" "$LOGS/tests.log" | tail -8
+    tail -n +$((seen + 1)) "$LOGS/tests.log" | grep -E "GPU memory used|logprob gap|passed|failed|^E |Error" | tail -8
   done
-  wait $builder || status=1
 fi
 if [[ $PART == bench || $PART == all ]]; then
   build_model
