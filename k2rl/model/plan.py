@@ -117,7 +117,7 @@ def activation_bytes(config: DeepseekV3Config, tokens: int, checkpointing: bool)
                  + 2 * heads * (c.qk_nope_head_dim + c.qk_rope_head_dim) + 2 * heads * c.v_head_dim)
     moe = (c.num_experts_per_tok + c.n_shared_experts) * 3 * c.moe_intermediate_size + c.num_experts_per_tok * c.hidden_size
     layer = 2 * tokens * (attention + max(moe, 3 * c.intermediate_size))
-    logits = tokens * c.vocab_size * (2 + 4 + 4)
+    logits = tokens * c.vocab_size * (4 + 4)  # fp32 logits (k2rl.model.head) and their log-softmax
     if checkpointing:
         return c.num_hidden_layers * tokens * c.hidden_size * 2 + layer + logits
     return c.num_hidden_layers * layer + logits
