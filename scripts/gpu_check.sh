@@ -4,6 +4,7 @@
 # or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics and held-out
 # dialogs copied to LOG_DIR.
 #   bash scripts/gpu_check.sh [tests|bench|gap|all|demo] [LOG_DIR] [demo.py options]
+#   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches; both below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
 # model is built once per machine (/tmp/k2-mini).
 set -uo pipefail
@@ -44,6 +45,12 @@ if [[ $PART == gap || $PART == all ]]; then
   grep -E "^\[|Error|error" "$LOGS/gap_bf16_logits.log" | tail -6
 fi
 if [[ $PART == demo ]]; then
+  # COLD=1: vLLM, Inductor and Triton compile into fresh caches, as on a fresh machine (the tests and
+  # the bench leave theirs warm); the Triton kernels compiled are listed in LOG_DIR/triton_kernels.txt
+  if [[ ${COLD:-0} == 1 ]]; then
+    cold=$(mktemp -d /tmp/cold-caches.XXXX)
+    export TRITON_CACHE_DIR=$cold/triton VLLM_CACHE_ROOT=$cold/vllm TORCHINDUCTOR_CACHE_DIR=$cold/inductor
+  fi
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
   # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)
   timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
@@ -54,6 +61,8 @@ if [[ $PART == demo ]]; then
     cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$LOGS/$(basename "$run")/" 2>/dev/null
   done
   cp /tmp/gpu-demo/demo-s*.json "$LOGS/" 2>/dev/null
+  find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "*.json" ! -name "__grp__*" -printf "%f\n" 2>/dev/null \
+    | sed 's/\.json$//' | sort | uniq -c | sort -rn > "$LOGS/triton_kernels.txt"
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi
 exit $status
