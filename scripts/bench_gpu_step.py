@@ -229,12 +229,16 @@ def standalone_in_own_process(args, model_dir, kind: str) -> float:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"standalone vLLM failed:\n{done.stderr[-3000:]}")
-    # vLLM's own start-up timings (compile, graph capture, engine init): with this machine's caches warm
-    for line in (done.stdout + done.stderr).splitlines():
-        if any(key in line for key in ("took", "Compiling a graph", "Graph capturing")):
-            print(f"[{kind} start] {line.split('] ', 1)[-1]}", flush=True)
+    for line in vllm_start_lines(done.stdout + done.stderr):  # with this machine's caches warm
+        print(f"[{kind} start] {line}", flush=True)
     result = [line for line in done.stdout.splitlines() if line.startswith('{"standalone_tokens_per_s"')][-1]
     return json.loads(result)["standalone_tokens_per_s"]
+
+
+def vllm_start_lines(log: str) -> list[str]:
+    """vLLM's own account of its start (weights, compile, profiling run, graph capture, engine init)."""
+    return [line.split("] ", 1)[-1] for line in log.splitlines()
+            if any(key in line for key in ("took", "Compiling a graph", "Graph capturing"))]
 
 
 def profile_sync(worker) -> None:

@@ -1,0 +1,95 @@
+"""How long the rollout engine's vLLM takes to start on a fresh machine, and what dominates (issue 12).
+
+Two starts of the RolloutEngine (the config's settings, CUDA graphs unless --eager), each in a process
+of its own, with vLLM's, Inductor's and Triton's caches pointed at one new directory: the first as on
+a fresh machine, the second with those caches warm. For each: the seconds to a ready engine (vLLM's
+import included), vLLM's own
+account of its parts (weights, torch.compile, profiling run, graph capture, engine init), and the
+Triton kernels compiled, by kernel name (vLLM's fused MoE and attention kernels vs Inductor's).
+
+    python scripts/bench_vllm_start.py [--config configs/k2-mini-1gpu.yaml] [--model-dir DIR] [--eager] [--set KEY=VALUE]
+
+On a CPU it runs as a smoke test (k2-tiny, fp32; vLLM-CPU compiles no Triton kernels):
+python scripts/bench_vllm_start.py --preset k2-tiny
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+import torch  # noqa: E402
+
+from bench_gpu_step import job_config, vllm_start_lines  # noqa: E402
+
+CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
+def start_engine(args) -> None:
+    """The child: start the engine, say how long it took."""
+    from k2rl.engines.rollout import RolloutEngine
+
+    job = job_config(args)
+    start = time.perf_counter()
+    RolloutEngine.from_config(args.model_dir, job.rollout, job.model, job.run.seed)
+    print(json.dumps({"start_s": time.perf_counter() - start}), flush=True)
+
+
+def triton_kernels(cache: Path) -> collections.Counter:
+    """Compiled Triton kernels in a cache directory, by name (one metadata file per compile)."""
+    return collections.Counter(p.stem for p in (cache / "triton").rglob("*.json") if not p.name.startswith("__grp__"))
+
+
+def timed_start(args, cache: Path) -> tuple[float, list[str]]:
+    cmd = [sys.executable, __file__, "--child", "--model-dir", str(args.model_dir), "--config", args.config]
+    cmd += ["--eager"] if args.eager else []
+    cmd += [a for override in args.set for a in ("--set", override)]
+    env = dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"the engine did not start:\n{done.stderr[-3000:]}")
+    result = [line for line in done.stdout.splitlines() if line.startswith('{"start_s"')][-1]
+    return json.loads(result)["start_s"], vllm_start_lines(done.stdout + done.stderr)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/k2-mini-1gpu.yaml")
+    ap.add_argument("--preset", default=None, help="model preset (default: the config's)")
+    ap.add_argument("--model-dir", default=None, help="an existing model directory of that preset (else one is built)")
+    ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (enforce_eager)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return start_engine(args)
+
+    from k2rl.model.build import make_model
+
+    if args.model_dir is None:
+        preset = args.preset or job_config(args).model.preset
+        args.model_dir = make_model(preset, tempfile.mkdtemp(prefix="bench-vllm-start-"), seed=0)
+        torch.cuda.empty_cache()
+    cache = Path(tempfile.mkdtemp(prefix="bench-vllm-start-caches-"))
+    seen: collections.Counter = collections.Counter()
+    for kind in ("cold", "warm"):
+        seconds, parts = timed_start(args, cache)
+        compiled = triton_kernels(cache) - seen
+        seen += compiled
+        print(f"{kind} start: {seconds:.1f} s; Triton kernels compiled: {sum(compiled.values())}", flush=True)
+        for line in parts:
+            print(f"  {line}", flush=True)
+        for name, count in compiled.most_common(12):
+            print(f"  {count:4d} x {name}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
