@@ -3,9 +3,9 @@
 Two starts of the RolloutEngine (the config's settings, CUDA graphs unless --eager), each in a process
 of its own, with vLLM's, Inductor's and Triton's caches pointed at one new directory: the first as on
 a fresh machine, the second with those caches warm. For each: the seconds to a ready engine (vLLM's
-import included), vLLM's own
-account of its parts (weights, torch.compile, profiling run, graph capture, engine init), and the
-Triton kernels compiled, by kernel name (vLLM's fused MoE and attention kernels vs Inductor's).
+import included), vLLM's own account of its parts (weights, torch.compile, profiling run, graph
+capture, engine init), and the Triton kernels compiled, by kernel name (vLLM's fused MoE and
+attention kernels vs Inductor's).
 
     python scripts/bench_vllm_start.py [--config configs/k2-mini-1gpu.yaml] [--model-dir DIR] [--eager] [--set KEY=VALUE]
 
