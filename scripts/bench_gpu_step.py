@@ -120,6 +120,8 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from k2rl.engines.rollout import head_dtype_override
+
     if as_rollout_engine:
         from k2rl.engines.rollout import RolloutEngine
         from k2rl.engines.types import SamplingConfig
@@ -129,7 +131,8 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine
         return best_rate(lambda: engine.generate(prompts, sampling), engine_tokens)[1]
     r = job.rollout
     kwargs = dict(model=str(model_dir), dtype=job.model.dtype, seed=job.run.seed, max_model_len=r.max_model_len,
-                  enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization)
+                  enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
+                  **head_dtype_override(job.model.dtype, job.model.fp32_head))
     if r.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes
     llm = LLM(**kwargs)

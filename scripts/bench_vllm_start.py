@@ -26,11 +26,12 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-import torch  # noqa: E402
-
 from bench_gpu_step import job_config, vllm_start_lines  # noqa: E402
 
-CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+# vLLM moves Triton's and Inductor's caches under its own once it compiles; the others (FlashInfer's JIT
+# under XDG_CACHE_HOME, CUDA's PTX cache) are redirected too, so the first start is a fresh machine's.
+CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor",
+                   "XDG_CACHE_HOME": "xdg", "CUDA_CACHE_PATH": "cuda"}
 
 
 def start_engine(args) -> None:
@@ -44,8 +45,8 @@ def start_engine(args) -> None:
 
 
 def triton_kernels(cache: Path) -> collections.Counter:
-    """Compiled Triton kernels in a cache directory, by name (one metadata file per compile)."""
-    return collections.Counter(p.stem for p in (cache / "triton").rglob("*.json") if not p.name.startswith("__grp__"))
+    """Compiled Triton kernels anywhere under the cache directory, by name (one cubin per compile)."""
+    return collections.Counter(p.stem for p in cache.rglob("*.cubin"))
 
 
 def timed_start(args, cache: Path) -> tuple[float, list[str]]:
@@ -76,8 +77,8 @@ def main() -> None:
 
     if args.model_dir is None:
         preset = args.preset or job_config(args).model.preset
-        args.model_dir = make_model(preset, tempfile.mkdtemp(prefix="bench-vllm-start-"), seed=0)
-        torch.cuda.empty_cache()
+        # on the host: this process keeps no GPU memory or context beside the engines it starts
+        args.model_dir = make_model(preset, tempfile.mkdtemp(prefix="bench-vllm-start-"), seed=0, device="cpu")
     cache = Path(tempfile.mkdtemp(prefix="bench-vllm-start-caches-"))
     seen: collections.Counter = collections.Counter()
     for kind in ("cold", "warm"):

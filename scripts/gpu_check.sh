@@ -47,9 +47,10 @@ fi
 if [[ $PART == demo ]]; then
   # COLD=1: vLLM, Inductor and Triton compile into fresh caches, as on a fresh machine (the tests and
   # the bench leave theirs warm); the Triton kernels compiled are listed in LOG_DIR/triton_kernels.txt
-  if [[ ${COLD:-0} == 1 ]]; then
+  if [[ ${COLD:-0} == 1 ]]; then  # (vLLM moves Triton's and Inductor's caches under its own when it compiles)
     cold=$(mktemp -d /tmp/cold-caches.XXXX)
-    export TRITON_CACHE_DIR=$cold/triton VLLM_CACHE_ROOT=$cold/vllm TORCHINDUCTOR_CACHE_DIR=$cold/inductor
+    export TRITON_CACHE_DIR=$cold/triton VLLM_CACHE_ROOT=$cold/vllm TORCHINDUCTOR_CACHE_DIR=$cold/inductor \
+           XDG_CACHE_HOME=$cold/xdg CUDA_CACHE_PATH=$cold/cuda
   fi
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
   # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)
@@ -61,8 +62,9 @@ if [[ $PART == demo ]]; then
     cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$LOGS/$(basename "$run")/" 2>/dev/null
   done
   cp /tmp/gpu-demo/demo-s*.json "$LOGS/" 2>/dev/null
-  find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name "*.json" ! -name "__grp__*" -printf "%f\n" 2>/dev/null \
-    | sed 's/\.json$//' | sort | uniq -c | sort -rn > "$LOGS/triton_kernels.txt"
+  if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile
+    find "$cold" -name "*.cubin" -printf "%f\n" | sed 's/\.cubin$//' | sort | uniq -c | sort -rn > "$LOGS/triton_kernels.txt"
+  fi
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi
 exit $status

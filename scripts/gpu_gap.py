@@ -11,7 +11,7 @@
 4. the residual stream after each decoder layer, vLLM vs trainer, on one prompt.
 
 Both engines return fp32 logits (`model.fp32_head`, k2rl.model.head); `--bf16-logits` rounds them to
-bf16 in both, as before that setting.
+bf16 in both, as before that setting (item 1 only: the layer reports do not involve the head).
 
     python scripts/gpu_gap.py MODEL_DIR [--dtype bfloat16] [--bf16-logits]
 """
@@ -208,6 +208,8 @@ def main() -> None:
             extra = f"; trainer alone routes {flips:.2%} of (token, MoE layer) pairs elsewhere" if replay else ""
             print(f"[routing replay {'on' if replay else 'off'}] gap vs trainer ({label}): mean {mean:.4g} "
                   f"max {top:.4g}{extra}", flush=True)
+    if args.bf16_logits:
+        return  # the layer reports below do not involve the head
     moe_layers_report(llm, trainer_low, prompts[0] * 4)
     attention_layers_report(llm, trainer_low, prompts[2] * 4)
     residual_stream_report(llm, trainer_low, prompts[1] * 4)

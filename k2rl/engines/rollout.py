@@ -85,6 +85,10 @@ class RolloutEngine:
             # On an AMX CPU vLLM picks AMX_MLA, which only takes bf16 weights; CPU_MLA runs any dtype.
             kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 << 20, attention_backend="CPU_MLA")
         self.llm = LLM(**kwargs)
+        if "hf_overrides" in kwargs and self.llm.llm_engine.model_config.head_dtype != torch.float32:
+            # vLLM falls back to the model dtype with only a warning: the trainer would keep fp32 logits alone
+            raise ValueError("this vLLM/platform does not run the lm_head in fp32 (model.fp32_head); set "
+                             "model.fp32_head=false so that neither engine does")
         self.awake = dict.fromkeys(TAGS, True)
         self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
         # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP)

@@ -109,7 +109,7 @@ def count_parameters(config: DeepseekV3Config) -> Counts:
 def activation_bytes(config: DeepseekV3Config, tokens: int, checkpointing: bool) -> float:
     """Rough size of what autograd keeps for one micro-batch of `tokens`: one bf16 copy of each
     intermediate of a layer (MLA projections, per-head q/k/v, attention output, norms/residuals, the
-    routed and shared experts' gate/up/act), the fp32 logits and their log-softmax. Flash attention
+    routed and shared experts' gate/up/act), the fp32 logits (`model.fp32_head`, the default) and their log-softmax. Flash attention
     keeps no seq^2 term. With checkpointing only each layer's input is kept, plus one layer recomputed."""
     c = config
     heads = c.num_attention_heads
