@@ -61,6 +61,24 @@ def test_grouped_mm_runs_in_bf16_under_autocast(tiny_model_dir, monkeypatch):
     torch.testing.assert_close(grouped_logits, logits, rtol=2e-2, atol=2e-2)
 
 
+def test_row_permutations_have_exact_gradients():
+    """The gathers between token order and expert order pass float64 gradcheck (their backwards are
+    gathers through the inverse permutation, not autograd's scatter)."""
+    from k2rl.model.experts import _RowsToTokens, _TokensToRows
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, top_k, width = 5, 3, 4
+    order = torch.sort(torch.randint(0, 7, (tokens * top_k,), generator=gen), stable=True).indices
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    x = torch.randn(tokens, width, dtype=torch.float64, generator=gen, requires_grad=True)
+    rows = torch.randn(tokens * top_k, width, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _TokensToRows.apply(t, order, inverse, top_k), (x,))
+    assert torch.autograd.gradcheck(lambda r: _RowsToTokens.apply(r, order, inverse), (rows,))
+    torch.testing.assert_close(_TokensToRows.apply(x, order, inverse, top_k), x[order // top_k], rtol=0, atol=0)
+    torch.testing.assert_close(_RowsToTokens.apply(rows, order, inverse)[order], rows, rtol=0, atol=0)
+
+
 def test_auto_picks_by_device_and_bad_names_fail(tiny_model_dir):
     model = load_model(tiny_model_dir)
     assert set_experts_implementation(model, "auto", torch.device("cuda")) == "grouped_mm"
