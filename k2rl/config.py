@@ -47,6 +47,9 @@ class RolloutEngineConfig(Section):
     weight_bucket_bytes: int = Field(64 << 20, gt=0, description="trainer -> vLLM weight sync bucket size (ZeRO-3 gathers one bucket at a time)")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs (workers) one vLLM engine spans; engines = workers.num_workers / this")
     expert_parallel: bool = Field(False, description="split MoE experts whole over the engine's ranks instead of slicing each one (vLLM enable_expert_parallel; GPU only)")
+    compile_cache_dir: str | None = Field(
+        None, description="where vLLM, Inductor and Triton keep compiled kernels (default: each machine's own "
+        "caches); on storage every node mounts, the first start (minutes on a GPU) serves the others")
     routing_replay: bool = Field(False, description="vLLM returns the experts it routed each token to and the trainer's logprob and update passes reuse them, so MoE routing cannot differ between the engines (GPU only: vLLM-CPU records no routing)")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,12 +40,21 @@ def head_dtype_override(dtype: str, fp32_head: bool) -> dict:
     return {"hf_overrides": {"head_dtype": "float32"}} if fp32_head and dtype != "float32" else {}
 
 
+def use_compile_cache(root: str | Path) -> None:
+    """Keep vLLM's, Inductor's and Triton's compiled kernels under `root` (this process and the ones it
+    starts: they read the environment). A fresh machine's first start is mostly compiling (the fused
+    MoE's Triton kernels, torch.compile, README "Benchmarks"); shared, it is paid once per cluster."""
+    root = Path(root).expanduser()
+    os.environ.update(VLLM_CACHE_ROOT=str(root / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(root / "inductor"),
+                      TRITON_CACHE_DIR=str(root / "triton"))
+
+
 class RolloutEngine:
     """One vLLM engine (in-process) on this worker's accelerator, or on the CPU."""
 
     def __init__(self, model_dir, *, dtype="float32", seed=0, max_model_len=2048, kv_cache_memory_bytes=256 << 20,
                  gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1,
-                 expert_parallel=False, routing_replay=False, fp32_head=True):
+                 expert_parallel=False, routing_replay=False, fp32_head=True, compile_cache_dir=None):
         """With `tensor_parallel_size` > 1 this is one rank of an engine spanning that many processes of an
         existing torch.distributed world (RANK/WORLD_SIZE/MASTER_* set, consecutive ranks form an engine):
         vLLM's external launcher runs the rank in this process; every rank of the engine must get the
@@ -52,8 +62,11 @@ class RolloutEngine:
 
         With `routing_replay` every Generation carries the experts vLLM routed each position to
         (`Generation.routed_experts`, MoE layers only), for the trainer to replay. `fp32_head`: logits in
-        fp32 when the model runs in bf16, as the trainer's (k2rl.model.head)."""
+        fp32 when the model runs in bf16, as the trainer's (k2rl.model.head). `compile_cache_dir`: see
+        `use_compile_cache`."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
+        if compile_cache_dir is not None:
+            use_compile_cache(compile_cache_dir)
         from vllm import LLM
 
         self.on_gpu = torch.cuda.is_available()
@@ -100,7 +113,7 @@ class RolloutEngine:
                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
                    tensor_parallel_size=cfg.tensor_parallel_size, expert_parallel=cfg.expert_parallel,
-                   routing_replay=cfg.routing_replay)
+                   routing_replay=cfg.routing_replay, compile_cache_dir=cfg.compile_cache_dir)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Per prompt, `sampling.n` generations (outer list in prompt order)."""
