@@ -184,19 +184,25 @@ def device_copy_gb_per_s(nbytes: int) -> float:
     return nbytes / seconds / 1e9
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """The options the GPU benchmarks share: which config, model and vLLM mode (`job_config` reads them)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/k2-mini-1gpu.yaml")
     ap.add_argument("--preset", default=None, help="model preset (default: the config's)")
     ap.add_argument("--model-dir", default=None, help="an existing model directory of that preset (else one is built)")
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (enforce_eager)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
+    return ap
+
+
+def main() -> None:
+    ap = model_arguments(__doc__)
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--train-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the figures here")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     args = ap.parse_args()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from bench_gpu_step import job_config, vllm_start_lines  # noqa: E402
+from bench_gpu_step import job_config, model_arguments, vllm_start_lines  # noqa: E402
 
 # vLLM moves Triton's and Inductor's caches under its own once it compiles; the others (FlashInfer's JIT
 # under XDG_CACHE_HOME, CUDA's PTX cache) are redirected too, so the first start is a fresh machine's.
@@ -62,12 +62,7 @@ def timed_start(args, cache: Path) -> tuple[float, list[str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/k2-mini-1gpu.yaml")
-    ap.add_argument("--preset", default=None, help="model preset (default: the config's)")
-    ap.add_argument("--model-dir", default=None, help="an existing model directory of that preset (else one is built)")
-    ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (enforce_eager)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
+    ap = model_arguments(__doc__)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
