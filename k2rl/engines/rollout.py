@@ -44,9 +44,12 @@ def use_compile_cache(root: str | Path) -> None:
     """Keep vLLM's, Inductor's and Triton's compiled kernels under `root` (this process and the ones it
     starts: they read the environment). A fresh machine's first start is mostly compiling (the fused
     MoE's Triton kernels, torch.compile, README "Benchmarks"); shared, it is paid once per cluster."""
+    from vllm import envs
+
     root = Path(root).expanduser()
     os.environ.update(VLLM_CACHE_ROOT=str(root / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(root / "inductor"),
                       TRITON_CACHE_DIR=str(root / "triton"))
+    envs.disable_envs_cache()  # vLLM freezes its environment once an engine has run in this process
 
 
 class RolloutEngine:
