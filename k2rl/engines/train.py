@@ -125,9 +125,7 @@ class TrainEngine:
         if model is None:
             low_precision = self.on_gpu and not fp32_master(job_cfg)
             model = load_model(model_dir, torch.bfloat16 if low_precision else torch.float32)
-        set_experts_implementation(model, job_cfg.train.experts_implementation, self.device)
-        if job_cfg.model.fp32_head:
-            use_fp32_logits(model)
+        self._compute_as_configured(model)
         if job_cfg.train.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if job_cfg.train.zero_stage == 3:
@@ -151,9 +149,14 @@ class TrainEngine:
         self.reference = None
         if reference_dir is not None:
             self.reference = load_model(reference_dir, next(self.model.parameters()).dtype).eval().requires_grad_(False)
-            set_experts_implementation(self.reference, job_cfg.train.experts_implementation, self.device)
-            if job_cfg.model.fp32_head:
-                use_fp32_logits(self.reference)
+            self._compute_as_configured(self.reference)
+
+    def _compute_as_configured(self, model: torch.nn.Module) -> None:
+        """How the job's models compute (the experts' GEMMs, the logits' dtype): the policy and the KL
+        reference alike, or the KL term starts at their difference instead of 0."""
+        set_experts_implementation(model, self.job.train.experts_implementation, self.device)
+        if self.job.model.fp32_head:
+            use_fp32_logits(model)
 
     # ---- forward ---------------------------------------------------------------------------------
     def _forward_logprobs(self, mb: TokenBatch, module=None, replay: Replay | None = None) -> list[torch.Tensor]:

@@ -1,7 +1,7 @@
 """How the trainer's MoE experts multiply: transformers' per-expert loop, or grouped GEMMs.
 
 The grouped path runs one grouped GEMM per projection over all experts (torch's grouped_mm), our own
-forward rather than transformers' `grouped_mm` experts, for two reasons measured on the GPU:
+forward rather than transformers' `grouped_mm` experts, for three reasons measured on the GPU:
 - torch's grouped_mm is not autocast-enabled. With fp32 master weights under bf16 autocast (MuonClip
   on a GPU) the expert stacks and the tokens must be cast to autocast's dtype by hand, as autocast
   does for every nn.Linear; we cast the tokens before gathering them (top_k rows per token), not after.
