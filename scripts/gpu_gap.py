@@ -8,7 +8,10 @@
    prefill) and fed to the trainer's same layer, so the difference is that layer's alone: relative
    error of the output, router-logit difference, and the share of tokens whose top-k expert sets agree;
 3. attention layer by layer, isolated the same way (vLLM's MLA input fed to the trainer's attention);
-4. the residual stream after each decoder layer, vLLM vs trainer, on one prompt.
+4. the residual stream after each decoder layer, vLLM vs trainer, on one prompt;
+5. the bf16 floor: the trainer in bf16 weights and in fp32 + bf16 autocast against itself in fp32,
+   all routed alike (the fp32 model's own experts): how far two correct bf16 computations of this
+   model land apart, whatever the kernels.
 
 Both engines return fp32 logits (`model.fp32_head`, k2rl.model.head); `--bf16-logits` rounds them to
 bf16 in both, as before that setting (item 1 only: the layer reports do not involve the head).
@@ -142,6 +145,33 @@ def sampled_gap(outs, trainer, prompts, autocast: bool, replay: bool) -> tuple[f
     return gap.mean().item(), gap.max().item(), torch.cat(flips).mean().item() if flips else float("nan")
 
 
+def bf16_floor(outs, exact, low, prompts) -> None:
+    """How far two bf16 set-ups of the same trainer code land from each other and from exact fp32 on
+    vLLM's sampled tokens, every one routed as the fp32 model routes itself: what bf16 rounding alone
+    costs this model, the floor under any vLLM-trainer gap with routing replay."""
+    from k2rl.model.modeling import completion_logprobs
+    from k2rl.model.routing import own_routing, replay_routing
+
+    device = next(exact.parameters()).device
+    pairs = {"bf16 weights vs fp32": [], "fp32 weights + bf16 autocast vs fp32": [],
+             "bf16 weights vs fp32 weights + bf16 autocast": []}
+    for prompt, out in zip(prompts, outs):
+        completion = list(out.outputs[0].token_ids)
+        routed = own_routing(exact, torch.tensor([prompt + completion], device=device))
+        with replay_routing(exact, routed):
+            reference = completion_logprobs(exact, prompt, completion)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                autocast = completion_logprobs(exact, prompt, completion)
+        with replay_routing(low, routed):
+            bf16 = completion_logprobs(low, prompt, completion)
+        for gaps, (a, b) in zip(pairs.values(), ((bf16, reference), (autocast, reference), (bf16, autocast))):
+            gaps.append((a - b).abs())
+    for label, gaps in pairs.items():
+        gap = torch.cat(gaps)
+        print(f"[bf16 floor, trainer alone, same routing] {label}: mean {gap.mean().item():.4g} "
+              f"max {gap.max().item():.4g}", flush=True)
+
+
 def moe_layers_report(llm, trainer, prompt) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -208,6 +238,8 @@ def main() -> None:
             extra = f"; trainer alone routes {flips:.2%} of (token, MoE layer) pairs elsewhere" if replay else ""
             print(f"[routing replay {'on' if replay else 'off'}] gap vs trainer ({label}): mean {mean:.4g} "
                   f"max {top:.4g}{extra}", flush=True)
+    if trainer_fp32 is not None:
+        bf16_floor(outs, trainer_fp32, trainer_low, prompts)
     if args.bf16_logits:
         return  # the layer reports below do not involve the head
     moe_layers_report(llm, trainer_low, prompts[0] * 4)
