@@ -142,6 +142,28 @@ def test_model_matches_eager_attention(tiny_model_dir, monkeypatch, padded):
     torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-6)
 
 
+def test_checkpoint_recompute_records_nothing_more(tiny_model_dir, monkeypatch):
+    """Under gradient checkpointing the max pass runs in the forward only, not again in the backward's
+    recompute, and records the same maxima as without checkpointing."""
+    calls = []
+    real_pass = attention.causal_head_max
+    monkeypatch.setattr(attention, "causal_head_max", lambda *a: calls.append(1) or real_pass(*a))
+    model = load_model(tiny_model_dir).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    maxima = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        reset_max_logits(model)
+        calls.clear()
+        _, grads = _forward_backward(model, ids, mask)
+        assert len(calls) == model.config.num_hidden_layers
+        maxima.append(head_max_logits(model))
+    assert grads  # the backward ran, through the recompute
+    torch.testing.assert_close(maxima[0], maxima[1], rtol=0, atol=0)
+
+
 def test_cpu_takes_the_flash_kernel(tiny_model_dir):
     """MLA's values (32 wide) are narrower than q and k (96): zero-padded, SDPA runs its flash kernel on
     the CPU, not the math one (equal results: test_model_matches_eager_attention)."""

@@ -8,7 +8,8 @@ as SDPA gets them; the scores themselves are fp32 (on CUDA: bf16 tensor cores wi
 QK-Clip compares them with tau.
 
 Recording happens only in training mode (train steps: QK-Clip and the attn/max_logit metric); eval
-and logprob passes run plain SDPA. The model is a causal decoder: the pass assumes every mask it gets
+and logprob passes run plain SDPA, and so does gradient checkpointing's recompute in the backward (the
+pass was 28 of a 545 ms k2-mini step's two forwards on the H200). The model is a causal decoder: the pass assumes every mask it gets
 is causal (as `sdpa_mask` builds it), with padding on top. Rows of padding positions are left out of
 the max (recognised as rows whose own key is masked): their queries are of pad tokens, which no loss
 reads, yet they see the real keys before them; QK-Clip should answer to the batch's tokens only.
@@ -132,9 +133,16 @@ def _cpu_flash_attention(module, query, key, value, attention_mask, scaling, dro
     return out[..., :v_dim], None
 
 
+def _recomputing() -> bool:
+    """True inside a backward pass: the only forward that runs there is gradient checkpointing's
+    recompute, whose maxima the first forward already recorded (same inputs, same scores)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def max_logit_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """SDPA; in training mode also keeps a running per-head max logit on the attention module."""
-    if module.training:
+    """SDPA; in training mode also keeps a running per-head max logit on the attention module (once a
+    forward: not again in gradient checkpointing's recompute)."""
+    if module.training and not _recomputing():
         head_max = causal_head_max(query, key, attention_mask, scaling)
         previous = getattr(module, MAX_LOGIT_ATTR, None)
         setattr(module, MAX_LOGIT_ATTR, head_max if previous is None else torch.maximum(previous, head_max))
