@@ -54,6 +54,7 @@ if [[ $PART == demo ]]; then
   fi
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
   # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)
+  started=$(mktemp)  # its time stamp tells the Ray sessions of this demo (below)
   timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
     | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log" || status=1
   for run in /tmp/gpu-demo/demo-*; do
@@ -62,6 +63,12 @@ if [[ $PART == demo ]]; then
     cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$LOGS/$(basename "$run")/" 2>/dev/null
   done
   cp /tmp/gpu-demo/demo-s*.json "$LOGS/" 2>/dev/null
+  # Each stage's Ray workers (vLLM and the trainer live there; their output is not sent to the
+  # driver): the tail of their logs, one file per Ray session the demo started
+  for session in $(find /tmp/ray -maxdepth 1 -name "session_2*" -newer "$started" 2>/dev/null); do
+    cat "$session"/logs/worker-*.out "$session"/logs/worker-*.err 2>/dev/null | grep -v "Warning\|warn(" \
+      | tail -n 400 > "$LOGS/workers-$(basename "$session").log"
+  done
   if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile
     find "$cold" -name "*.cubin" -printf "%f\n" | sed 's/\.cubin$//' | sort | uniq -c | sort -rn > "$LOGS/triton_kernels.txt"
   fi
