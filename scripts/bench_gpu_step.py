@@ -174,6 +174,18 @@ def grouped_mm_tokens_per_s(model_dir, batch, checkpointing: bool, steps: int = 
     return ids.numel() * steps / seconds
 
 
+def steady_steps(worker, batch, loss) -> tuple[float, float]:
+    """Seconds a step over STEADY_STEPS steps, and their peak GPU memory (GiB) above what was allocated
+    before them: the trainer's activations and transients. (torch's own peak counter is no use here:
+    it counts vLLM's sleeping memory pool, unmapped, as allocated.)"""
+    before = torch.cuda.memory_allocated() if ON_GPU else 0
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
+    _, seconds = timed(lambda: [worker.train_step(batch, loss) for _ in range(STEADY_STEPS)])
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if ON_GPU else 0.0
+    return seconds / STEADY_STEPS, peak
+
+
 def device_copy_gb_per_s(nbytes: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
@@ -305,14 +317,13 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
             worker.train_step(train_batch, nll)  # warm-up (and the update the gap is measured after)
             worker.stats()
         _, seconds = timed(lambda: worker.train_step(train_batch, nll))
-        out["memory/train_step_peak_torch"] = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
         if round_trip == 1:  # the steps after the first: what a step costs without the switch before it
-            _, seconds_steady = timed(lambda: [worker.train_step(train_batch, nll) for _ in range(STEADY_STEPS)])
+            seconds_steady, out["memory/train_step_above_idle"] = steady_steps(worker, train_batch, nll)
         worker.to_rollout()
         switch.update(worker.stats())
     tokens = sum(len(s) for s in train_batch.input_ids)
     out["train/tokens_per_s"] = tokens / seconds
-    out["train/tokens_per_s_steady"] = STEADY_STEPS * tokens / seconds_steady
+    out["train/tokens_per_s_steady"] = tokens / seconds_steady
     out["train/mfu_steady"] = 6 * active_params(config) * out["train/tokens_per_s_steady"] / (PEAK_TFLOPS * 1e12)
     out.update({k: switch[k] for k in ("time/sleep", "time/reload", "time/wake", "time/sync", "time/offload",
                                        "sync/bytes", "sync/gb_per_s") if k in switch})
@@ -324,19 +335,16 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     # An RL step accumulates many micro-batches per optimizer step. Four of them (one per copy of the
     # batch, at the config's micro_batch_tokens) split the step into forward+backward and the optimizer.
     _, seconds_four = timed(lambda: worker.train_step(concat_batches([train_batch] * 4), nll))
-    fwd_bwd = (seconds_four - seconds) / 3
+    fwd_bwd = (seconds_four - seconds_steady) / 3
     out["train/tokens_per_s_4_micro_batches"] = 4 * tokens / seconds_four
     out["train/fwd_bwd_tokens_per_s"] = tokens / fwd_bwd
-    out["time/optimizer_step"] = seconds - fwd_bwd
+    out["time/optimizer_step"] = seconds_steady - fwd_bwd
     checkpointing = worker.train.model.is_gradient_checkpointing
     if checkpointing:  # what the step costs where memory allows it without (k2-mini on one GPU does)
         worker.train.model.gradient_checkpointing_disable()
         worker.train_step(train_batch, nll)  # warm-up: the allocator grows to the larger activations
-        if ON_GPU:
-            torch.cuda.reset_peak_memory_stats()
-        _, seconds_plain = timed(lambda: [worker.train_step(train_batch, nll) for _ in range(STEADY_STEPS)])
-        out["train/tokens_per_s_no_checkpointing"] = STEADY_STEPS * tokens / seconds_plain
-        out["memory/train_step_peak_torch_no_checkpointing"] = torch.cuda.max_memory_allocated() / 2**30 if ON_GPU else 0.0
+        seconds_plain, out["memory/train_step_above_idle_no_checkpointing"] = steady_steps(worker, train_batch, nll)
+        out["train/tokens_per_s_no_checkpointing"] = tokens / seconds_plain
         worker.train.model.gradient_checkpointing_enable()
     worker.to_rollout()
 
