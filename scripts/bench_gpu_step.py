@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if ON_GPU else "cpu")
-PEAK_TFLOPS = 790.0  # H200 dense bf16, measured (PLATFORM.md)
+PEAK_TFLOPS = 790.0  # H200 dense bf16, measured (PLATFORM.md); the H100 SXM has the same tensor-core peak
 ROLLOUT_REPEATS = 3
 STEADY_STEPS = 3
 
@@ -318,7 +318,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
             worker.stats()
         _, seconds = timed(lambda: worker.train_step(train_batch, nll))
         if round_trip == 1:  # the steps after the first: what a step costs without the switch before it
-            seconds_steady, out["memory/train_step_above_idle"] = steady_steps(worker, train_batch, nll)
+            seconds_steady, out["memory/train_step_peak_increase"] = steady_steps(worker, train_batch, nll)
         worker.to_rollout()
         switch.update(worker.stats())
     tokens = sum(len(s) for s in train_batch.input_ids)
@@ -334,6 +334,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     profile_sync(worker)
     # An RL step accumulates many micro-batches per optimizer step. Four of them (one per copy of the
     # batch, at the config's micro_batch_tokens) split the step into forward+backward and the optimizer.
+    worker.train_step(train_batch, nll)  # untimed: the step after the switch pays for it, this one too
     _, seconds_four = timed(lambda: worker.train_step(concat_batches([train_batch] * 4), nll))
     fwd_bwd = (seconds_four - seconds_steady) / 3
     out["train/tokens_per_s_4_micro_batches"] = 4 * tokens / seconds_four
@@ -343,7 +344,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     if checkpointing:  # what the step costs where memory allows it without (k2-mini on one GPU does)
         worker.train.model.gradient_checkpointing_disable()
         worker.train_step(train_batch, nll)  # warm-up: the allocator grows to the larger activations
-        seconds_plain, out["memory/train_step_above_idle_no_checkpointing"] = steady_steps(worker, train_batch, nll)
+        seconds_plain, out["memory/train_step_peak_increase_no_checkpointing"] = steady_steps(worker, train_batch, nll)
         out["train/tokens_per_s_no_checkpointing"] = tokens / seconds_plain
         worker.train.model.gradient_checkpointing_enable()
     worker.to_rollout()

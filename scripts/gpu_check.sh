@@ -64,11 +64,15 @@ if [[ $PART == demo ]]; then
   done
   cp /tmp/gpu-demo/demo-s*.json "$LOGS/" 2>/dev/null
   # Each stage's Ray workers (vLLM and the trainer live there; their output is not sent to the
-  # driver): the tail of their logs, one file per Ray session the demo started
+  # driver): the tail of each worker's stdout and stderr, one file per Ray session the demo started
   for session in $(find /tmp/ray -maxdepth 1 -name "session_2*" -newer "$started" 2>/dev/null); do
-    cat "$session"/logs/worker-*.out "$session"/logs/worker-*.err 2>/dev/null | grep -v "Warning\|warn(" \
-      | tail -n 400 > "$LOGS/workers-$(basename "$session").log"
+    for log in "$session"/logs/worker-*.out "$session"/logs/worker-*.err; do
+      [ -s "$log" ] || continue
+      echo "== $(basename "$log")"
+      grep -v "Warning\|warn(" "$log" | tail -n 150
+    done > "$LOGS/workers-$(basename "$session").log"
   done
+  rm -f "$started"
   if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile
     find "$cold" -name "*.cubin" -printf "%f\n" | sed 's/\.cubin$//' | sort | uniq -c | sort -rn > "$LOGS/triton_kernels.txt"
   fi

@@ -9,9 +9,9 @@
    error of the output, router-logit difference, and the share of tokens whose top-k expert sets agree;
 3. attention layer by layer, isolated the same way (vLLM's MLA input fed to the trainer's attention);
 4. the residual stream after each decoder layer, vLLM vs trainer, on one prompt;
-5. the bf16 floor: the trainer in bf16 weights and in fp32 + bf16 autocast against itself in fp32,
-   all routed alike (the fp32 model's own experts): how far two correct bf16 computations of this
-   model land apart, whatever the kernels.
+5. the rounding level: the trainer in bf16 weights and in fp32 + bf16 autocast against itself in
+   fp32, all routed alike (the fp32 model's own experts): how far two correct bf16 computations of
+   this model land apart on the same kernels, the scale a vLLM-trainer gap with replay compares to.
 
 Both engines return fp32 logits (`model.fp32_head`, k2rl.model.head); `--bf16-logits` rounds them to
 bf16 in both, as before that setting (item 1 only: the layer reports do not involve the head).
@@ -145,16 +145,17 @@ def sampled_gap(outs, trainer, prompts, autocast: bool, replay: bool) -> tuple[f
     return gap.mean().item(), gap.max().item(), torch.cat(flips).mean().item() if flips else float("nan")
 
 
-def bf16_floor(outs, exact, low, prompts) -> None:
-    """How far two bf16 set-ups of the same trainer code land from each other and from exact fp32 on
-    vLLM's sampled tokens, every one routed as the fp32 model routes itself: what bf16 rounding alone
-    costs this model, the floor under any vLLM-trainer gap with routing replay."""
+@torch.no_grad()
+def rounding_level(outs, exact, low, prompts, dtype: str) -> None:
+    """How far two low-precision set-ups of the same trainer code land from each other and from exact
+    fp32 on vLLM's sampled tokens, every one routed as the fp32 model routes itself: the size of the
+    disagreement rounding alone makes for this model, to read a vLLM-trainer gap with replay against."""
     from k2rl.model.modeling import completion_logprobs
     from k2rl.model.routing import own_routing, replay_routing
 
     device = next(exact.parameters()).device
-    pairs = {"bf16 weights vs fp32": [], "fp32 weights + bf16 autocast vs fp32": [],
-             "bf16 weights vs fp32 weights + bf16 autocast": []}
+    pairs = {f"{dtype} weights vs fp32": [], "fp32 weights + bf16 autocast vs fp32": [],
+             f"{dtype} weights vs fp32 weights + bf16 autocast": []}
     for prompt, out in zip(prompts, outs):
         completion = list(out.outputs[0].token_ids)
         routed = own_routing(exact, torch.tensor([prompt + completion], device=device))
@@ -168,7 +169,7 @@ def bf16_floor(outs, exact, low, prompts) -> None:
             gaps.append((a - b).abs())
     for label, gaps in pairs.items():
         gap = torch.cat(gaps)
-        print(f"[bf16 floor, trainer alone, same routing] {label}: mean {gap.mean().item():.4g} "
+        print(f"[rounding level, trainer alone, same routing] {label}: mean {gap.mean().item():.4g} "
               f"max {gap.max().item():.4g}", flush=True)
 
 
@@ -239,7 +240,7 @@ def main() -> None:
             print(f"[routing replay {'on' if replay else 'off'}] gap vs trainer ({label}): mean {mean:.4g} "
                   f"max {top:.4g}{extra}", flush=True)
     if trainer_fp32 is not None:
-        bf16_floor(outs, trainer_fp32, trainer_low, prompts)
+        rounding_level(outs, trainer_fp32, trainer_low, prompts, args.dtype)
     if args.bf16_logits:
         return  # the layer reports below do not involve the head
     moe_layers_report(llm, trainer_low, prompts[0] * 4)
