@@ -142,16 +142,18 @@ def test_model_matches_eager_attention(tiny_model_dir, monkeypatch, padded):
     torch.testing.assert_close(grads, eager_grads, rtol=1e-4, atol=1e-6)
 
 
-def test_checkpoint_recompute_records_nothing_more(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_checkpoint_recompute_records_nothing_more(tiny_model_dir, monkeypatch, device):
     """Under gradient checkpointing the max pass runs in the forward only, not again in the backward's
-    recompute, and records the same maxima as without checkpointing."""
+    recompute (on CUDA the backward runs on the autograd engine's device thread), and records the same
+    maxima as without checkpointing."""
     passes, attentions = [], []
     real_pass, real_sdpa = attention.causal_head_max, attention.sdpa_attention_forward
     monkeypatch.setattr(attention, "causal_head_max", lambda *a: passes.append(1) or real_pass(*a))
     monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: attentions.append(1) or real_sdpa(*a, **k))
-    model = load_model(tiny_model_dir).train()
+    model = load_model(tiny_model_dir).to(device).train()
     layers = model.config.num_hidden_layers
-    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     maxima = []
     for checkpointing in (False, True):
