@@ -1,7 +1,8 @@
 """One colocated RL step on the H200, measured against baselines taken in the same run (issue 12):
 
 - rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
-  `LLM` with the same settings, on the same prompts and sampling: tokens/s;
+  `LLM` with the same settings and vs the RolloutEngine alone, on the same prompts and sampling:
+  tokens/s, each baseline in a process of its own beside the Worker, their generates taking turns;
 - train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
   transformers with grouped_mm experts (bf16, fused AdamW), on the same batch, with the config's
   gradient checkpointing and (when that is on) again without: tokens/s and MFU
@@ -16,8 +17,8 @@
 
     python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--set KEY=VALUE] [--json OUT.json]
 
-On a CPU it runs as a smoke test of the same code (k2-tiny, fp32, no sleep mode, no baselines that
-need CUDA): python scripts/bench_gpu_step.py --preset k2-tiny --prompts 8 --new-tokens 16
+On a CPU it runs as a smoke test of the same code (k2-tiny, fp32, no sleep mode, no training baselines:
+they need CUDA): python scripts/bench_gpu_step.py --preset k2-tiny --prompts 8 --new-tokens 16
 """
 from __future__ import annotations
 
@@ -112,9 +113,9 @@ def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
     return {**out, **measured(prefix)}
 
 
-def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine: bool) -> float:
-    """Plain vLLM, as a user would start it, with the rollout engine's settings (run in a process of
-    its own: a second engine in the worker's process fails in its compiled kernels); or the project's
+def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool):
+    """A baseline engine, warmed up; returns a function that generates on `prompts` and counts the tokens.
+    Plain vLLM, as a user would start it, with the rollout engine's settings; or the project's
     RolloutEngine alone (sleep mode, structured-output backend, routing replay; no trainer beside it),
     which tells the engine's settings apart from the colocation."""
     from vllm import LLM, SamplingParams
@@ -128,7 +129,7 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine
 
         engine = RolloutEngine.from_config(model_dir, job.rollout, job.model, job.run.seed)
         engine.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
-        return best_rate(lambda: engine.generate(prompts, sampling), engine_tokens)[1]
+        return lambda: engine_tokens(engine.generate(prompts, sampling))
     r = job.rollout
     kwargs = dict(model=str(model_dir), dtype=job.model.dtype, seed=job.run.seed, max_model_len=r.max_model_len,
                   enforce_eager=r.enforce_eager, gpu_memory_utilization=r.gpu_memory_utilization,
@@ -140,8 +141,66 @@ def standalone_tokens_per_s(model_dir, job, prompts, sampling, as_rollout_engine
               for budget, seed in sampling.per_prompt(len(prompts))]
     token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(token_prompts[:8], params[:8], use_tqdm=False)  # warm-up
-    return best_rate(lambda: llm.generate(token_prompts, params, use_tqdm=False),
-                     lambda outs: sum(len(o.outputs[0].token_ids) for o in outs))[1]
+    return lambda: sum(len(o.outputs[0].token_ids) for o in llm.generate(token_prompts, params, use_tqdm=False))
+
+
+def serve_standalone(generate) -> None:
+    """The baseline's process: one timed generate per line on stdin, its tokens/s as a JSON line."""
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        tokens, seconds = timed(generate)
+        print(json.dumps({"tokens_per_s": tokens / seconds}), flush=True)
+
+
+class StandaloneBaseline:
+    """A baseline engine in a process of its own (a second engine in the worker's process fails in its
+    compiled kernels), kept running beside the Worker so that their generates take turns: each pair of
+    timings is seconds apart, and the shared machine's noise, which moved one engine 2x between runs
+    minutes apart, moves both alike."""
+
+    def __init__(self, args, model_dir, kind: str):
+        self.kind = kind
+        cmd = [sys.executable, __file__, "--standalone-only", kind, "--model-dir", str(model_dir), "--config",
+               args.config, "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len),
+               "--new-tokens", str(args.new_tokens)]
+        cmd += ["--eager"] if args.eager else []
+        cmd += [a for override in args.set for a in ("--set", override)]
+        self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
+        self.errors = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
+        self._read("ready")
+
+    def tokens_per_s(self) -> float:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._read("tokens_per_s")
+
+    def close(self) -> list[str]:
+        """Stop the process; vLLM's account of its start (with this machine's caches warm)."""
+        self.proc.stdin.close()
+        self.output.append(self.proc.stdout.read())
+        self.proc.wait()
+        self.errors.seek(0)
+        return vllm_start_lines("".join(self.output) + self.errors.read())
+
+    def _read(self, key: str) -> float:
+        for line in self.proc.stdout:
+            if line.startswith(f'{{"{key}"'):
+                return json.loads(line)[key]
+            self.output.append(line)
+        self.errors.seek(0)
+        raise RuntimeError(f"standalone {self.kind} failed:\n{self.errors.read()[-3000:]}")
+
+
+def paired_rates(worker_generate, baseline: StandaloneBaseline) -> tuple[float, float, float]:
+    """The Worker and `baseline` generate in turn, ROLLOUT_REPEATS times each: (the Worker's best
+    tokens/s, the baseline's best, the median of the pairs' ratios)."""
+    pairs = []
+    for _ in range(ROLLOUT_REPEATS):
+        tokens, seconds = timed(worker_generate)
+        pairs.append((tokens / seconds, baseline.tokens_per_s()))
+    ratios = sorted(w / b for w, b in pairs)
+    return max(w for w, _ in pairs), max(b for _, b in pairs), ratios[len(ratios) // 2]
 
 
 def grouped_mm_tokens_per_s(model_dir, batch, checkpointing: bool, steps: int = 3) -> float:
@@ -232,28 +291,12 @@ def main() -> None:
     prompts = [torch.randint(20, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
     sampling = SamplingConfig(temperature=1.0, max_tokens=args.new_tokens, seed=1)
     if args.standalone_only:
-        tokens_per_s = standalone_tokens_per_s(model_dir, job, prompts, sampling, args.standalone_only == "engine")
-        print(json.dumps({"standalone_tokens_per_s": tokens_per_s}))
-        return
+        return serve_standalone(standalone_generate(model_dir, job, prompts, sampling, args.standalone_only == "engine"))
     train_batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.train_seqs, args.seq_len), generator=gen).tolist())
     try:
         measure(args, job, model_dir, config, prompts, sampling, train_batch, out)
     finally:
         print_figures(out, args.json)
-
-
-def standalone_in_own_process(args, model_dir, kind: str) -> float:
-    cmd = [sys.executable, __file__, "--standalone-only", kind, "--model-dir", str(model_dir), "--config", args.config,
-           "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
-    cmd += ["--eager"] if args.eager else []
-    cmd += [a for override in args.set for a in ("--set", override)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"standalone vLLM failed:\n{done.stderr[-3000:]}")
-    for line in vllm_start_lines(done.stdout + done.stderr):  # with this machine's caches warm
-        print(f"[{kind} start] {line}", flush=True)
-    result = [line for line in done.stdout.splitlines() if line.startswith('{"standalone_tokens_per_s"')][-1]
-    return json.loads(result)["standalone_tokens_per_s"]
 
 
 def vllm_start_lines(log: str) -> list[str]:
@@ -286,6 +329,20 @@ def print_figures(out: dict, json_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
+
+
+def compare_rollout(args, model_dir, worker_generate, out: dict) -> None:
+    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`)."""
+    for kind, name in (("vllm", "standalone_vllm"), ("engine", "engine_alone")):
+        baseline = StandaloneBaseline(args, model_dir, kind)
+        try:
+            worker_rate, out[f"baseline/{name}_tokens_per_s"], out[f"rollout/vs_{name}"] = paired_rates(
+                worker_generate, baseline)
+            out[f"rollout/tokens_per_s_beside_{name}"] = worker_rate
+        finally:
+            for line in baseline.close():
+                print(f"[{kind} start] {line}", flush=True)
+    out["rollout/engine_alone_vs_standalone"] = out["rollout/vs_standalone_vllm"] / out["rollout/vs_engine_alone"]
 
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
@@ -350,6 +407,8 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     worker.to_rollout()
 
     after, out["rollout/tokens_per_s_after_reload"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
+    # the baselines beside the Worker's awake vLLM (k2-mini on a GPU: ~24 GiB each at the config's 0.3)
+    compare_rollout(args, model_dir, lambda: engine_tokens(worker.generate(prompts, sampling)), out)
     worker.to_train()
     out.update(logprob_gap(worker, completion_batch(prompts, after), "gap/after_step_sync"))
 
@@ -364,11 +423,6 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
                                                            / out["baseline/grouped_mm_tokens_per_s_no_checkpointing"])
         out["baseline/grouped_mm_mfu"] = (6 * active_params(config) * out["baseline/grouped_mm_tokens_per_s"]
                                           / (PEAK_TFLOPS * 1e12))
-        out["baseline/standalone_vllm_tokens_per_s"] = standalone_in_own_process(args, model_dir, "vllm")
-        out["rollout/vs_standalone"] = out["rollout/tokens_per_s"] / out["baseline/standalone_vllm_tokens_per_s"]
-        out["baseline/engine_alone_tokens_per_s"] = standalone_in_own_process(args, model_dir, "engine")
-        out["rollout/engine_alone_vs_standalone"] = (out["baseline/engine_alone_tokens_per_s"]
-                                                     / out["baseline/standalone_vllm_tokens_per_s"])
         # Both steady (the baseline's steps follow a warm-up); the step right after the switch beside it.
         out["train/vs_grouped_mm"] = out["train/tokens_per_s_steady"] / out["baseline/grouped_mm_tokens_per_s"]
         out["train/after_switch_vs_grouped_mm"] = out["train/tokens_per_s"] / out["baseline/grouped_mm_tokens_per_s"]

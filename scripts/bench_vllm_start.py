@@ -4,8 +4,8 @@ Two starts of the RolloutEngine (the config's settings, CUDA graphs unless --eag
 of its own, with vLLM's, Inductor's and Triton's caches pointed at one new directory: the first as on
 a fresh machine, the second with those caches warm. For each: the seconds to a ready engine (vLLM's
 import included), vLLM's own account of its parts (weights, torch.compile, profiling run, graph
-capture, engine init), and the Triton kernels compiled, by kernel name (vLLM's fused MoE and
-attention kernels vs Inductor's).
+capture, engine init), and the kernels compiled, by name (vLLM's fused MoE and attention kernels vs
+Inductor's, in Triton; FlashInfer's modules, with nvcc).
 
     python scripts/bench_vllm_start.py [--config configs/k2-mini-1gpu.yaml] [--model-dir DIR] [--eager] [--set KEY=VALUE]
 
@@ -29,9 +29,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from bench_gpu_step import job_config, model_arguments, vllm_start_lines  # noqa: E402
 
 # vLLM moves Triton's and Inductor's caches under its own once it compiles; the others (FlashInfer's JIT
-# under XDG_CACHE_HOME, CUDA's PTX cache) are redirected too, so the first start is a fresh machine's.
+# modules under FLASHINFER_WORKSPACE_BASE/.cache, CUDA's PTX cache) are redirected too, so the first
+# start is a fresh machine's.
 CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor",
-                   "XDG_CACHE_HOME": "xdg", "CUDA_CACHE_PATH": "cuda"}
+                   "XDG_CACHE_HOME": "xdg", "CUDA_CACHE_PATH": "cuda", "FLASHINFER_WORKSPACE_BASE": "flashinfer"}
 
 
 def start_engine(args) -> None:
@@ -44,9 +45,12 @@ def start_engine(args) -> None:
     print(json.dumps({"start_s": time.perf_counter() - start}), flush=True)
 
 
-def triton_kernels(cache: Path) -> collections.Counter:
-    """Compiled Triton kernels anywhere under the cache directory, by name (one cubin per compile)."""
-    return collections.Counter(p.stem for p in cache.rglob("*.cubin"))
+def compiled_kernels(cache: Path) -> collections.Counter:
+    """Kernels compiled into the cache directory, by name: Triton's (one cubin per compile) and the CUDA
+    modules FlashInfer builds with nvcc (one shared library each, named `nvcc: ...`)."""
+    triton = collections.Counter(p.stem for p in cache.rglob("*.cubin"))
+    nvcc = collections.Counter(f"nvcc: {p.stem}" for p in (cache / "flashinfer").rglob("*.so"))
+    return triton + nvcc
 
 
 def timed_start(args, cache: Path) -> tuple[float, list[str]]:
@@ -78,9 +82,9 @@ def main() -> None:
     seen: collections.Counter = collections.Counter()
     for kind in ("cold", "warm"):
         seconds, parts = timed_start(args, cache)
-        compiled = triton_kernels(cache) - seen
+        compiled = compiled_kernels(cache) - seen
         seen += compiled
-        print(f"{kind} start: {seconds:.1f} s; Triton kernels compiled: {sum(compiled.values())}", flush=True)
+        print(f"{kind} start: {seconds:.1f} s; kernels compiled: {sum(compiled.values())}", flush=True)
         for line in parts:
             print(f"  {line}", flush=True)
         for name, count in compiled.most_common(12):

@@ -46,11 +46,11 @@ if [[ $PART == gap || $PART == all ]]; then
 fi
 if [[ $PART == demo ]]; then
   # COLD=1: vLLM, Inductor and Triton compile into fresh caches, as on a fresh machine (the tests and
-  # the bench leave theirs warm); the Triton kernels compiled are listed in LOG_DIR/triton_kernels.txt
+  # the bench leave theirs warm); the kernels compiled are listed in LOG_DIR/compiled_kernels.txt
   if [[ ${COLD:-0} == 1 ]]; then  # (vLLM moves Triton's and Inductor's caches under its own when it compiles)
     cold=$(mktemp -d /tmp/cold-caches.XXXX)
     export TRITON_CACHE_DIR=$cold/triton VLLM_CACHE_ROOT=$cold/vllm TORCHINDUCTOR_CACHE_DIR=$cold/inductor \
-           XDG_CACHE_HOME=$cold/xdg CUDA_CACHE_PATH=$cold/cuda
+           XDG_CACHE_HOME=$cold/xdg CUDA_CACHE_PATH=$cold/cuda FLASHINFER_WORKSPACE_BASE=$cold/flashinfer
   fi
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
   # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)
@@ -73,8 +73,8 @@ if [[ $PART == demo ]]; then
     done > "$LOGS/workers-$(basename "$session").log"
   done
   rm -f "$started"
-  if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile
-    find "$cold" -name "*.cubin" -printf "%f\n" | sed 's/\.cubin$//' | sort | uniq -c | sort -rn > "$LOGS/triton_kernels.txt"
+  if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile, one .so per FlashInfer (nvcc) module
+    find "$cold" \( -name "*.cubin" -o -name "*.so" \) -printf "%f\n" | sed -E 's/\.(cubin|so)$//' | sort | uniq -c | sort -rn > "$LOGS/compiled_kernels.txt"
   fi
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 
 TAGS = ("weights", "kv_cache")
 
+# vLLM's FlashInfer top-p/top-k sampler is JIT-compiled with nvcc on a machine's first start, inside
+# vLLM's warm-up sampler run (top_p=0.9): ~2 of the 3.2 minutes of a cold k2-mini start on an H100
+# (README "Benchmarks"). Rollouts sample at top_p=1 by default, where vLLM never calls it; with top_p<1
+# PyTorch's sort-based top-p runs instead. VLLM_USE_FLASHINFER_SAMPLER=1 in the environment opts back in.
+FLASHINFER_SAMPLER_DEFAULT = "0"
+
 
 def head_dtype_override(dtype: str, fp32_head: bool) -> dict:
     """LLM(...) arguments for fp32 logits from a bf16 model (vLLM's `head_dtype`, vLLM >= 0.26)."""
@@ -68,6 +74,7 @@ class RolloutEngine:
         fp32 when the model runs in bf16, as the trainer's (k2rl.model.head). `compile_cache_dir`: see
         `use_compile_cache`."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", FLASHINFER_SAMPLER_DEFAULT)
         if compile_cache_dir is not None:
             use_compile_cache(compile_cache_dir)
         from vllm import LLM
