@@ -158,7 +158,11 @@ class RolloutEngine:
         self._require_awake("load_weights", ("weights",))
         with experts_left_out_of_reload() if self.direct_experts else nullcontext():
             self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
-        self.llm.reset_prefix_cache()
+        if self.awake["kv_cache"] or not self.on_gpu:
+            # KV computed with the old weights may be cached. Not so on a GPU while the KV cache sleeps:
+            # vLLM's sleep reset the prefix cache, and the reset walks every KV block (~100k on k2-mini:
+            # 20-40 ms of a 60-120 ms sync on an H100, 2026-12-06)
+            self.llm.reset_prefix_cache()
 
     def load_experts(self, stacks: Iterable[tuple[str, torch.Tensor]]) -> int:
         """The routed experts as the trainer's fused stacks (trainer names), this rank's block of each
@@ -167,8 +171,7 @@ class RolloutEngine:
         self._require_awake("load_experts", ("weights",))
         if not self.direct_experts:
             raise RuntimeError("this engine's experts take vLLM's loader: send them through load_weights")
-        # No prefix-cache reset here: load_weights just did one (nothing ran since), and on k2-mini each
-        # reset walks ~200k KV blocks (50-70 ms on the H200, 2026-12-04: most of a whole sync).
+        # No prefix-cache reset here: load_weights saw to it (nothing ran since)
         return sum(self.llm.collective_rpc(_copy_experts_in_worker, args=(iter(stacks),)))
 
     def holds_device_memory(self) -> dict[str, bool]:
