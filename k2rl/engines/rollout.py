@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 
 TAGS = ("weights", "kv_cache")
 
-# vLLM's FlashInfer top-p/top-k sampler is JIT-compiled with nvcc on a machine's first start, inside
-# vLLM's warm-up sampler run (top_p=0.9): ~2 of the 3.2 minutes of a cold k2-mini start on an H100
-# (README "Benchmarks"). Rollouts sample at top_p=1 by default, where vLLM never calls it; with top_p<1
-# PyTorch's sort-based top-p runs instead. VLLM_USE_FLASHINFER_SAMPLER=1 in the environment opts back in.
+# vLLM's FlashInfer top-p/top-k sampler is built with nvcc on a machine's first start, in vLLM's warm-up
+# sampler run (top_p=0.9): ~2 of the ~4 minutes of a cold k2-mini start on an H100 (README, "First
+# start"). k2rl's rollouts never reach it: vLLM samples requests that carry a seed (every rollout's
+# does) with its own top-p, as it does at top_p=1. VLLM_USE_FLASHINFER_SAMPLER=1 opts back in.
 FLASHINFER_SAMPLER_DEFAULT = "0"
 
 
@@ -56,6 +56,18 @@ def use_compile_cache(root: str | Path) -> None:
     os.environ.update(VLLM_CACHE_ROOT=str(root / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(root / "inductor"),
                       TRITON_CACHE_DIR=str(root / "triton"))
     envs.disable_envs_cache()  # vLLM freezes its environment once an engine has run in this process
+
+
+def register_model_class_in_process() -> None:
+    """vLLM inspects a model class it has not imported in a fresh Python subprocess (to keep CUDA out
+    of the parent), cached per machine under VLLM_CACHE_ROOT: ~25 s of a fresh machine's first start
+    (H100, 2026-12-06), re-importing torch and vLLM. This engine runs in-process, which imports the
+    class anyway and, beside the trainer, holds CUDA already: registered as imported, vLLM inspects
+    it here. Every k2rl checkpoint is `DeepseekV3ForCausalLM` (k2rl.model.checkpoint)."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.deepseek_v2 import DeepseekV3ForCausalLM
+
+    ModelRegistry.register_model("DeepseekV3ForCausalLM", DeepseekV3ForCausalLM)
 
 
 class RolloutEngine:
@@ -78,6 +90,8 @@ class RolloutEngine:
         if compile_cache_dir is not None:
             use_compile_cache(compile_cache_dir)
         from vllm import LLM
+
+        register_model_class_in_process()
 
         self.on_gpu = torch.cuda.is_available()
         if routing_replay and not self.on_gpu:
