@@ -10,6 +10,7 @@ from k2rl.config import AlgorithmConfig, EnvConfig, RewardWeights
 from k2rl.engines.types import TokenBatch
 from k2rl.env.environment import CheckResult
 from k2rl.env.factory import EnvFactory
+from k2rl.loop.ahead import Ahead
 from k2rl.loop.data import encode_sft_example
 from k2rl.loop.metrics import MetricsLog
 from k2rl.loop.objective import Objective
@@ -160,3 +161,45 @@ def test_plots_follow_evaluations_not_every_step(tmp_path, monkeypatch):
     log.close()
     assert drawn == [1, 6, 7]  # the first row, the evaluation, the close
     assert {p.name for p in (tmp_path / "plots").iterdir()} >= {"reward.png", "success.png", "kinds.png", "time.png"}
+
+
+def test_ahead_makes_the_next_steps_data_on_a_thread_and_checkpoints_before_it():
+    """SFT data made a step ahead (k2rl.loop.ahead): the same sequence as made in turn, the next on
+    another thread, and a checkpoint's task cursor from before the data in flight, so that a run
+    resumed from it makes that data again."""
+    import threading
+
+    stream = TaskStream(EnvFactory(EnvConfig(name="shop")), seed=3)
+    threads = []
+
+    def make():
+        threads.append(threading.get_ident())
+        return [t.id for t in stream.next(4)]
+
+    ahead = Ahead(make, lambda: stream.cursor)
+    first = ahead.take(more=True)
+    assert ahead.mark() == 4  # the second batch is in flight: a checkpoint now resumes before it
+    second = ahead.take(more=True)
+    assert ahead.mark() == 8
+    ahead.settle()
+    assert stream.cursor == 12 and threads[0] == threading.get_ident() != threads[1]
+    resumed_stream = TaskStream(EnvFactory(EnvConfig(name="shop")), seed=3, cursor=ahead.mark())
+    resumed = Ahead(lambda: [t.id for t in resumed_stream.next(4)], lambda: resumed_stream.cursor)
+    third = ahead.take(more=False)
+    assert resumed.take(more=False) == third
+    assert ahead.mark() == stream.cursor == 12  # nothing in flight
+    straight = TaskStream(EnvFactory(EnvConfig(name="shop")), seed=3).next(12)
+    assert first + second + third == [t.id for t in straight]
+    ahead.close()
+    resumed.close()
+
+
+def test_ahead_raises_the_works_error_where_it_is_taken():
+    def make():
+        raise ValueError("no tasks")
+
+    ahead = Ahead(make, lambda: 0)
+    with pytest.raises(ValueError, match="no tasks"):
+        ahead.take(more=True)
+    ahead.close()
+

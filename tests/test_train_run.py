@@ -105,7 +105,27 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     finished = _run([sys.executable, "-m", "k2rl.cli", "train", "--resume", str(tmp_path / "straight")])
     assert finished.returncode != 0 and f"model.path={checkpoints / 'step_3' / 'model'}" in finished.stderr
 
-    proc = subprocess.Popen(_cmd(tmp_path, "killed", tiny_model_dir, *steps), stdout=subprocess.DEVNULL,
+    killed = _killed_after_step_2_then_resumed(tmp_path, tiny_model_dir, steps)
+    _assert_same_final_weights(tmp_path / "straight", killed, tiny_model_dir, last_step=3)
+
+
+def test_killed_sft_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    """SFT makes each step's oracle dialogs while the step before trains (k2rl.loop.ahead): a checkpoint
+    keeps the task cursor from before the dialogs made ahead, so the resumed run trains on the same ones."""
+    steps = ["schedule.steps=4", "schedule.checkpoint_every=2", "workers.num_workers=1", "algorithm.name=sft",
+             "schedule.eval_every=0", "schedule.final_training_state=false"]
+    straight = _run(_cmd(tmp_path, "straight", tiny_model_dir, *steps))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert all("time/sft_data" in r for r in _metrics(tmp_path / "straight"))  # the wait for the step's dialogs
+    killed = _killed_after_step_2_then_resumed(tmp_path, tiny_model_dir, steps)
+    assert ([r["train/loss"] for r in _metrics(killed)] ==
+            [r["train/loss"] for r in _metrics(tmp_path / "straight")])
+    _assert_same_final_weights(tmp_path / "straight", killed, tiny_model_dir, last_step=4)
+
+
+def _killed_after_step_2_then_resumed(tmp_path, model_dir, steps) -> Path:
+    """The run of `steps` as "killed": SIGKILL once its step-2 checkpoint is complete, then --resume."""
+    proc = subprocess.Popen(_cmd(tmp_path, "killed", model_dir, *steps), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     killed = tmp_path / "killed"
     deadline = time.monotonic() + 600
@@ -113,18 +133,21 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
         latest = killed / "checkpoints" / "latest"
         if latest.exists() and latest.read_text().strip() == "step_2":
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_2"
     resumed = _run([sys.executable, "-m", "k2rl.cli", "train", "--resume", str(killed)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in _metrics(killed)] == [r["step"] for r in _metrics(tmp_path / "straight")]
+    return killed
 
-    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_3" / "model" / "model.safetensors"))
-    b = load_file(str(killed / "checkpoints" / "step_3" / "model" / "model.safetensors"))
+
+def _assert_same_final_weights(straight: Path, killed: Path, model_dir, last_step: int) -> None:
+    final = Path("checkpoints") / f"step_{last_step}" / "model" / "model.safetensors"
+    a, b = load_file(str(straight / final)), load_file(str(killed / final))
     assert a.keys() == b.keys()
-    init = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    init = load_file(str(Path(model_dir) / "model.safetensors"))
     moved = max(float((a[k] - init[k]).abs().max()) for k in a)
     assert moved > 0  # training changed the weights...
     for k in a:  # ...and the resumed run changed them the same way

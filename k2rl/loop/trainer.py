@@ -17,6 +17,7 @@ import torch
 from k2rl.config import JobConfig
 from k2rl.engines.types import ROUTED_EXPERTS, SamplingConfig, concat_batches
 from k2rl.env.factory import EnvFactory
+from k2rl.loop.ahead import Ahead
 from k2rl.loop.data import load_sft_file, sft_batch, trajectory_batch
 from k2rl.loop.metrics import MetricsLog
 from k2rl.loop.objective import Objective
@@ -57,6 +58,7 @@ class Trainer:
         self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
                                   resume_step=self.step or None)
         self.stop_requested = False
+        self.sft_data = Ahead(lambda: self.oracle_examples(algo.tasks_per_step), lambda: self.tasks.cursor)
 
     # ---- one step ----------------------------------------------------------------------------------
     def rollout(self, tasks, samples: int, temperature: float):
@@ -223,7 +225,7 @@ class Trainer:
         self.group.to_train()  # the trainer holds the weights and optimizer state
         self.group.save_checkpoint(str(tmp / "model"), training_state)
         save_rng_state(tmp / "rng.pt")
-        state = {"step": self.step, "cursor": self.tasks.cursor, "training_state": training_state}
+        state = {"step": self.step, "cursor": self.sft_data.mark(), "training_state": training_state}
         if self.priority is not None:
             state["type_success"] = self.priority.success
         return self.run_dir.commit_checkpoint(self.step, tmp, state, schedule.keep_checkpoints)
@@ -244,13 +246,17 @@ class Trainer:
                 while self.step < cfg.steps:
                     if self.config.algorithm.name == "sft":
                         progress.phase("sft")
-                        metrics = self.sft_step(self.oracle_examples(self.config.algorithm.tasks_per_step))
+                        waited = time.perf_counter()
+                        examples = self.sft_data.take(more=self.step + 1 < cfg.steps)
+                        waited = time.perf_counter() - waited
+                        metrics = {**self.sft_step(examples), "time/sft_data": waited}
                     else:
                         progress.phase("rl")
                         metrics = self.rl_step()
                     self.step += 1
                     if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                         progress.phase("eval")
+                        self.sft_data.settle()  # the held-out rollouts use the tokenizer too
                         metrics.update(self.evaluate())
                     self.metrics.log(self.step, metrics)
                     progress.step_done(metrics)
@@ -262,6 +268,7 @@ class Trainer:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.sft_data.close()
             self.metrics.close()
         return last
 
