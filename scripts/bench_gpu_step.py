@@ -162,11 +162,8 @@ class StandaloneBaseline:
 
     def __init__(self, args, model_dir, kind: str):
         self.kind = kind
-        cmd = [sys.executable, __file__, "--standalone-only", kind, "--model-dir", str(model_dir), "--config",
-               args.config, "--prompts", str(args.prompts), "--prompt-len", str(args.prompt_len),
-               "--new-tokens", str(args.new_tokens)]
-        cmd += ["--eager"] if args.eager else []
-        cmd += [a for override in args.set for a in ("--set", override)]
+        cmd = [sys.executable, __file__, "--standalone-only", kind, *model_argv(args, model_dir), "--prompts",
+               str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
         self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
         self.errors = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
@@ -281,6 +278,12 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (enforce_eager)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
     return ap
+
+
+def model_argv(args, model_dir) -> list[str]:
+    """`model_arguments`' options as parsed, for a child process of a benchmark script."""
+    argv = ["--model-dir", str(model_dir), "--config", args.config] + (["--eager"] if args.eager else [])
+    return argv + [a for override in args.set for a in ("--set", override)]
 
 
 def main() -> None:

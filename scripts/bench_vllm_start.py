@@ -31,7 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from bench_gpu_step import job_config, model_arguments, vllm_start_lines  # noqa: E402
+from bench_gpu_step import job_config, model_arguments, model_argv, vllm_start_lines  # noqa: E402
 
 # vLLM moves Triton's and Inductor's caches under its own once it compiles; the others (FlashInfer's JIT
 # modules under FLASHINFER_WORKSPACE_BASE/.cache, CUDA's PTX cache) are redirected too, so the first
@@ -63,10 +63,8 @@ def compiled_kernels(cache: Path) -> collections.Counter:
 
 
 def timed_start(args, cache: Path) -> tuple[float, list[str]]:
-    cmd = [sys.executable, __file__, "--child", "--model-dir", str(args.model_dir), "--config", args.config]
-    cmd += ["--eager"] if args.eager else []
+    cmd = [sys.executable, __file__, "--child", *model_argv(args, args.model_dir)]
     cmd += ["--inspect-in-subprocess"] if args.inspect_in_subprocess else []
-    cmd += [a for override in args.set for a in ("--set", override)]
     env = dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:

@@ -246,9 +246,9 @@ class Trainer:
                 while self.step < cfg.steps:
                     if self.config.algorithm.name == "sft":
                         progress.phase("sft")
-                        waited = time.perf_counter()
+                        asked = time.perf_counter()
                         examples = self.sft_data.take(more=self.step + 1 < cfg.steps)
-                        waited = time.perf_counter() - waited
+                        waited = time.perf_counter() - asked
                         metrics = {**self.sft_step(examples), "time/sft_data": waited}
                     else:
                         progress.phase("rl")

@@ -9,10 +9,11 @@ QK-Clip compares them with tau.
 
 Recording happens only in training mode (train steps: QK-Clip and the attn/max_logit metric); eval
 and logprob passes run plain SDPA, and so does gradient checkpointing's recompute in the backward (the
-pass costs 28 ms a forward, which a 545 ms checkpointed k2-mini step on the H200 ran twice). The model is a causal decoder: the pass assumes every mask it gets
-is causal (as `sdpa_mask` builds it), with padding on top. Rows of padding positions are left out of
-the max (recognised as rows whose own key is masked): their queries are of pad tokens, which no loss
-reads, yet they see the real keys before them; QK-Clip should answer to the batch's tokens only.
+pass costs 28 ms a forward, which a 545 ms checkpointed k2-mini step on the H200 ran twice). The model
+is a causal decoder: the pass assumes every mask it gets is causal (as `sdpa_mask` builds it), with
+padding on top. Rows of padding positions are left out of the max (recognised as rows whose own key
+is masked): their queries are of pad tokens, which no loss reads, yet they see the real keys before
+them; QK-Clip should answer to the batch's tokens only.
 
 On the CPU, SDPA with MLA's value head (v_head_dim) narrower than the query's runs its math kernel:
 the whole [B, H, L, L] score and probability matrices, kept for backward, and a "safe" softmax of
