@@ -1,4 +1,6 @@
 """RolloutEngine on real vLLM (CPU, in-process): sampling contract, sleep/wake state, in-place reload."""
+import shutil
+
 import pytest
 import torch
 
@@ -80,12 +82,19 @@ def test_routing_replay_on_the_cpu_is_refused_with_the_fix(tiny_model_dir):
 
 def test_compile_cache_dir_holds_the_compiled_engine(tiny_model_dir, tmp_path, monkeypatch):
     """rollout.compile_cache_dir: a compiled engine (CUDA graphs' CPU twin: torch.compile) writes vLLM's
-    compile cache under it, the path a second machine's start would read. What a fresh machine's start
-    pays besides: no model-inspection subprocess, whose findings vLLM would cache in `modelinfos`."""
+    compile cache under it, the path a second machine's start would read, and a second checkpoint of
+    the same architecture (another directory) finds it there. What a fresh machine's start pays
+    besides: no model-inspection subprocess, whose findings vLLM would cache in `modelinfos`."""
     for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "elsewhere"))  # restored after the test: the setting is process-wide
-    RolloutEngine(tiny_model_dir, max_model_len=256, enforce_eager=False, compile_cache_dir=tmp_path)
-    compiled = list((tmp_path / "vllm" / "torch_compile_cache").rglob("*"))
-    assert any(p.is_file() for p in compiled), f"nothing compiled under {tmp_path}"
-    inspected = list((tmp_path / "vllm" / "modelinfos").glob("*"))
+    cache = tmp_path / "cache"
+    RolloutEngine(tiny_model_dir, max_model_len=256, enforce_eager=False, compile_cache_dir=cache)
+    compiled = list((cache / "vllm" / "torch_compile_cache").rglob("*"))
+    assert any(p.is_file() for p in compiled), f"nothing compiled under {cache}"
+    inspected = list((cache / "vllm" / "modelinfos").glob("*"))
     assert not inspected, f"vLLM inspected the model class in a subprocess: {inspected}"
+
+    other_checkpoint = shutil.copytree(tiny_model_dir, tmp_path / "step_2" / "model")
+    RolloutEngine(other_checkpoint, max_model_len=256, enforce_eager=False, compile_cache_dir=cache)
+    graphs = sorted(p.name for p in (cache / "vllm" / "torch_compile_cache" / "torch_aot_compile").iterdir())
+    assert len(graphs) == 1, f"the second checkpoint compiled anew: {graphs}"

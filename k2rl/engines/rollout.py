@@ -25,8 +25,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from k2rl.engines.compile_key import config_directory, loads_in_place
 from k2rl.engines.expert_copy import copy_experts, direct_targets, experts_left_out_of_reload
 from k2rl.engines.types import Generation, SamplingConfig
+from k2rl.model.checkpoint import read_weights
 from k2rl.model.routing import moe_layer_ids
 
 if TYPE_CHECKING:
@@ -89,7 +91,7 @@ class RolloutEngine:
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", FLASHINFER_SAMPLER_DEFAULT)
         if compile_cache_dir is not None:
             use_compile_cache(compile_cache_dir)
-        from vllm import LLM
+        from vllm import LLM, envs
 
         register_model_class_in_process()
 
@@ -99,10 +101,14 @@ class RolloutEngine:
                              "routes to); set rollout.routing_replay=false on the CPU")
         self.sleep_level = sleep_level
         self.dtype = getattr(torch, dtype)  # what the trainer exports in (`sync_weights`)
+        # vLLM starts from the checkpoint's config alone, then takes its weights in place: one compile
+        # serves every checkpoint of the architecture (k2rl.engines.compile_key)
+        in_place = loads_in_place(model_dir)
+        source = config_directory(model_dir, envs.VLLM_CACHE_ROOT) if in_place else model_dir
         # Compact JSON under a schema: without it a weak policy (self-critique) spends its whole
         # budget on whitespace between keys. xgrammar is the backend that honours the switch.
-        kwargs = dict(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+        kwargs = dict(model=str(source), load_format="dummy" if in_place else "auto", dtype=dtype, seed=seed,
+                      max_model_len=max_model_len, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
                       **head_dtype_override(dtype, fp32_head))
         if tensor_parallel_size > 1:
@@ -130,6 +136,8 @@ class RolloutEngine:
         self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
         # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP)
         self.direct_experts = self.on_gpu and all(self.llm.collective_rpc(_can_copy_experts))
+        if in_place:
+            self.load_weights(read_weights(model_dir, None))
 
     @classmethod
     def from_config(cls, model_dir, cfg: RolloutEngineConfig, model: ModelConfig, seed: int) -> RolloutEngine:

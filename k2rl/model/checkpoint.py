@@ -64,8 +64,9 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_weights(model_dir: str | Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream checkpoint tensors; FP8 block-scaled weights are dequantized to `dtype`, scales dropped."""
+def read_weights(model_dir: str | Path, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream checkpoint tensors, floats in `dtype` (None: as stored); FP8 block-scaled weights are
+    dequantized (to bf16 where `dtype` is None), scales dropped."""
     for path in _weight_files(Path(model_dir)):
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
@@ -74,8 +75,8 @@ def read_weights(model_dir: str | Path, dtype: torch.dtype) -> Iterator[tuple[st
                     continue
                 tensor = f.get_tensor(name)
                 if name + fp8.SCALE_SUFFIX in names:
-                    tensor = fp8.dequantize(tensor, f.get_tensor(name + fp8.SCALE_SUFFIX), dtype)
-                elif tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
+                    tensor = fp8.dequantize(tensor, f.get_tensor(name + fp8.SCALE_SUFFIX), dtype or torch.bfloat16)
+                elif dtype is not None and tensor.is_floating_point() and not name.endswith("e_score_correction_bias"):
                     tensor = tensor.to(dtype)
                 yield name, tensor
 

@@ -1,0 +1,50 @@
+"""One vLLM compile per architecture, not per checkpoint.
+
+vLLM keys its torch.compile cache (and the Inductor and Triton caches it moves under it) by its whole
+config, the model's path included: every new checkpoint directory (an SFT stage's output, each
+checkpoint a resumed run starts from) compiles the same graph again: vLLM's engine init took 95 s
+instead of 22 s in the GPU demo's RL stage on an H100 (k2-mini, 2026-12-06), of it torch.compile 45 s. So the engine
+starts vLLM from `config_directory`: a copy of the checkpoint's files other than its weights, named
+by their contents, with random weights (vLLM's `load_format="dummy"`), then loads the real weights in
+place, as it loads the trainer's after each update.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def loads_in_place(model_dir: str | Path) -> bool:
+    """Whether the engine can start from `config_directory`: not for quantized checkpoints, whose
+    weights vLLM takes as stored (k2rl's reader dequantizes them for the trainer)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return "quantization_config" not in config
+
+
+def config_directory(model_dir: str | Path, root: str | Path) -> Path:
+    """`root`/k2rl-model-configs/<hash of the files>: the same path for every checkpoint of the same
+    config and tokenizer. Written once (into a temporary directory, then renamed), so engines starting
+    at the same time on one machine read a complete copy, whichever of them wrote it."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+    if not any(p.name == "config.json" for p in files):
+        raise FileNotFoundError(f"no config.json in {model_dir}; expected an HF-layout model directory")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    target = Path(root) / "k2rl-model-configs" / digest.hexdigest()[:16]
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
+        for path in files:
+            shutil.copyfile(path, staging / path.name)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another engine renamed its identical copy first
+            shutil.rmtree(staging)
+    return target

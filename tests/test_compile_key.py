@@ -1,0 +1,42 @@
+"""The config-only directory vLLM starts from (k2rl.engines.compile_key): one per config and tokenizer,
+whatever the checkpoint's path; the engine test of the compile it saves is in test_rollout_engine.py."""
+import json
+import shutil
+
+import pytest
+
+from k2rl.engines.compile_key import config_directory, loads_in_place
+
+
+def test_checkpoints_of_one_config_share_a_directory_without_weights(tiny_model_dir, tmp_path):
+    other = shutil.copytree(tiny_model_dir, tmp_path / "run" / "checkpoints" / "step_7" / "model")
+    first = config_directory(tiny_model_dir, tmp_path / "cache")
+    assert config_directory(other, tmp_path / "cache") == first
+    assert (first / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert (first / "tokenizer.json").exists()
+    assert not list(first.glob("*.safetensors*"))
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial copies left behind
+
+
+def test_another_config_or_tokenizer_gets_its_own(tiny_model_dir, tmp_path):
+    first = config_directory(tiny_model_dir, tmp_path / "cache")
+    changed = shutil.copytree(tiny_model_dir, tmp_path / "changed")
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    assert config_directory(changed, tmp_path / "cache") != first
+    retokenized = shutil.copytree(tiny_model_dir, tmp_path / "retokenized")
+    (retokenized / "tokenizer_config.json").write_text("{}")
+    assert config_directory(retokenized, tmp_path / "cache") not in (first, config_directory(changed, tmp_path / "cache"))
+
+
+def test_quantized_checkpoints_load_as_stored(tiny_model_dir, tmp_path):
+    assert loads_in_place(tiny_model_dir)
+    fp8 = shutil.copytree(tiny_model_dir, tmp_path / "fp8")
+    config = json.loads((fp8 / "config.json").read_text())
+    (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    assert not loads_in_place(fp8)
+
+
+def test_a_directory_without_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        config_directory(tmp_path, tmp_path / "cache")
