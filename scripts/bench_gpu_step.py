@@ -1,8 +1,9 @@
 """One colocated RL step on the H200, measured against baselines taken in the same run (issue 12):
 
 - rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
-  `LLM` with the same settings and vs the RolloutEngine alone, on the same prompts and sampling:
-  tokens/s, each baseline in a process of its own beside the Worker, their generates taking turns;
+  `LLM` with the same settings and vs the RolloutEngine alone (with routing replay on, also alone
+  without it), on the same prompts and sampling: tokens/s, each baseline in a process of its own
+  beside the Worker, their generates taking turns;
 - train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
   transformers with grouped_mm experts (bf16, fused AdamW), on the same batch, with the config's
   gradient checkpointing and (when that is on) again without: tokens/s and MFU
@@ -160,10 +161,11 @@ class StandaloneBaseline:
     timings is seconds apart, and the shared machine's noise, which moved one engine 2x between runs
     minutes apart, moves both alike."""
 
-    def __init__(self, args, model_dir, kind: str):
+    def __init__(self, args, model_dir, kind: str, overrides: tuple[str, ...] = ()):
         self.kind = kind
         cmd = [sys.executable, __file__, "--standalone-only", kind, *model_argv(args, model_dir), "--prompts",
-               str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+               str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               *(a for override in overrides for a in ("--set", override))]
         self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
         self.errors = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
@@ -351,17 +353,21 @@ def print_figures(out: dict, json_path: str | None) -> None:
             json.dump(out, f, indent=1)
 
 
-def compare_rollout(args, model_dir, worker_generate, out: dict) -> None:
-    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`)."""
-    for kind, name in (("vllm", "standalone_vllm"), ("engine", "engine_alone")):
-        baseline = StandaloneBaseline(args, model_dir, kind)
+def compare_rollout(args, model_dir, worker_generate, out: dict, routing_replay: bool) -> None:
+    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`); with
+    routing replay on, also against the engine alone without it, which tells what replay costs."""
+    baselines = [("vllm", "standalone_vllm", ()), ("engine", "engine_alone", ())]
+    if routing_replay:
+        baselines.append(("engine", "engine_alone_without_replay", ("rollout.routing_replay=false",)))
+    for kind, name, overrides in baselines:
+        baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
             worker_rate, out[f"baseline/{name}_tokens_per_s"], out[f"rollout/vs_{name}"] = paired_rates(
                 worker_generate, baseline)
             out[f"rollout/tokens_per_s_beside_{name}"] = worker_rate
         finally:
             for line in baseline.close():
-                print(f"[{kind} start] {line}", flush=True)
+                print(f"[{name} start] {line}", flush=True)
 
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
@@ -427,7 +433,8 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
 
     after, out["rollout/tokens_per_s_after_reload"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
     # the baselines beside the Worker's awake vLLM (k2-mini on a GPU: ~28 GiB each at k2-mini-1gpu.yaml's 0.35)
-    compare_rollout(args, model_dir, lambda: engine_tokens(worker.generate(prompts, sampling)), out)
+    compare_rollout(args, model_dir, lambda: engine_tokens(worker.generate(prompts, sampling)), out,
+                    job.rollout.routing_replay)
     worker.to_train()
     out.update(logprob_gap(worker, completion_batch(prompts, after), "gap/after_step_sync"))
 

@@ -55,8 +55,13 @@ if [[ $PART == demo ]]; then
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
   # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)
   started=$(mktemp)  # its time stamp tells the Ray sessions of this demo (below)
-  timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" 2>&1 \
-    | while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log" || status=1
+  # Time-stamped through a process substitution, not a pipe: a pipe's reader waits for every process
+  # holding its other end, and a stopped demo's leftovers held it past the device call's limit (09:53).
+  timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" \
+    > >(while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log") 2>&1 || status=1
+  # A stopped demo's Ray processes would keep their GPU memory from a --resume on this machine
+  pkill -9 -f "[r]ay::|[r]aylet|[g]cs_server" 2>/dev/null
+  sleep 2  # the time stamps' last lines
   for run in /tmp/gpu-demo/demo-*; do
     [ -d "$run" ] || continue
     mkdir -p "$LOGS/$(basename "$run")"
