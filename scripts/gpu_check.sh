@@ -6,7 +6,7 @@
 #   bash scripts/gpu_check.sh [tests|bench|gap|all|demo] [LOG_DIR] [demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches; both below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
-# model is built once per machine (/tmp/k2-mini).
+# model is built once per machine (/tmp/k2-mini); GAP_MODEL=DIR gives the gap part another model.
 set -uo pipefail
 PART=${1:-all}
 LOGS=${2:-${OUT:-gpu-logs}}
@@ -38,10 +38,12 @@ if [[ $PART == bench || $PART == all ]]; then
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/bench.log" | tail -45
 fi
 if [[ $PART == gap || $PART == all ]]; then
-  build_model
-  python3 scripts/gpu_gap.py $MODEL > "$LOGS/gap.log" 2>&1 || status=1
+  # GAP_MODEL=DIR: a trained model instead of the random k2-mini (the GPU demo's SFT stage writes one
+  # to /tmp/gpu-demo/demo-sft-s0/checkpoints/step_300/model)
+  [[ -n ${GAP_MODEL:-} ]] || build_model
+  python3 scripts/gpu_gap.py "${GAP_MODEL:-$MODEL}" > "$LOGS/gap.log" 2>&1 || status=1
   grep -E "^\[|^layer|Error|error" "$LOGS/gap.log" | tail -40
-  python3 scripts/gpu_gap.py $MODEL --bf16-logits > "$LOGS/gap_bf16_logits.log" 2>&1 || status=1
+  python3 scripts/gpu_gap.py "${GAP_MODEL:-$MODEL}" --bf16-logits > "$LOGS/gap_bf16_logits.log" 2>&1 || status=1
   grep -E "^\[|Error|error" "$LOGS/gap_bf16_logits.log" | tail -6
 fi
 if [[ $PART == demo ]]; then
