@@ -61,15 +61,15 @@ if [[ $PART == demo ]]; then
   # holding its other end, and a stopped demo's leftovers held it past the device call's limit (09:53).
   timeout -k 30 "${DEMO_LIMIT:-0}" python3 scripts/demo.py --gpu --out /tmp/gpu-demo "${@:3}" \
     > >(while IFS= read -r line; do printf '%(%H:%M:%S)T %s\n' -1 "$line"; done > "$LOGS/demo.log") 2>&1 || status=1
-  # A stopped demo's Ray processes would keep their GPU memory from a --resume on this machine
-  pkill -9 -f "[r]ay::|[r]aylet|[g]cs_server" 2>/dev/null
+  # A stopped demo's Ray processes (and its prewarm's vLLM) would keep their GPU memory from a --resume
+  pkill -9 -f "[r]ay::|[r]aylet|[g]cs_server|[k]2rl.cli prewarm" 2>/dev/null
   sleep 2  # the time stamps' last lines
   for run in /tmp/gpu-demo/demo-*; do
     [ -d "$run" ] || continue
     mkdir -p "$LOGS/$(basename "$run")"
     cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$LOGS/$(basename "$run")/" 2>/dev/null
   done
-  cp /tmp/gpu-demo/demo-s*.json "$LOGS/" 2>/dev/null
+  cp /tmp/gpu-demo/demo-s*.json /tmp/gpu-demo/prewarm-s*.log "$LOGS/" 2>/dev/null
   # Each stage's Ray workers (vLLM and the trainer live there; their output is not sent to the
   # driver): the tail of each worker's stdout and stderr, one file per Ray session the demo started
   for session in $(find /tmp/ray -maxdepth 1 -name "session_2*" -newer "$started" 2>/dev/null); do

@@ -1,9 +1,14 @@
 """RolloutEngine on real vLLM (CPU, in-process): sampling contract, sleep/wake state, in-place reload."""
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+import yaml
 
+from k2rl.config import load_config
 from k2rl.engines.rollout import RolloutEngine
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.checkpoint import load_model
@@ -80,21 +85,34 @@ def test_routing_replay_on_the_cpu_is_refused_with_the_fix(tiny_model_dir):
         RolloutEngine(tiny_model_dir, routing_replay=True)
 
 
-def test_compile_cache_dir_holds_the_compiled_engine(tiny_model_dir, tmp_path, monkeypatch):
-    """rollout.compile_cache_dir: a compiled engine (CUDA graphs' CPU twin: torch.compile) writes vLLM's
-    compile cache under it, the path a second machine's start would read, and a second checkpoint of
-    the same architecture (another directory) finds it there. What a fresh machine's start pays
-    besides: no model-inspection subprocess, whose findings vLLM would cache in `modelinfos`."""
+def test_prewarm_compiles_what_a_later_checkpoint_start_reads(tiny_model_dir, tmp_path, monkeypatch):
+    """`k2rl prewarm` compiles a job's engine (CUDA graphs' CPU twin: torch.compile) from the preset's
+    config alone into rollout.compile_cache_dir, the path a second machine's start would read. A
+    checkpoint of that architecture in another directory, its config naming another dtype (the
+    trainer's fp32 master weights write k2-mini's so; `k2rl make-model` bf16), then starts without
+    compiling, and with its own weights. What a fresh machine's start pays besides: no model-inspection
+    subprocess, whose findings vLLM would cache in `modelinfos`."""
     for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "elsewhere"))  # restored after the test: the setting is process-wide
     cache = tmp_path / "cache"
-    RolloutEngine(tiny_model_dir, max_model_len=256, enforce_eager=False, compile_cache_dir=cache)
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump({"model": {"preset": "k2-tiny", "init_seed": 0}, "rollout": {
+        "max_model_len": 256, "enforce_eager": False, "compile_cache_dir": str(cache)}}))
+    done = subprocess.run([sys.executable, "-m", "k2rl.cli", "prewarm", str(job_file)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "k2rl prewarm: compiled the rollout engine of k2-tiny" in done.stdout
     compiled = list((cache / "vllm" / "torch_compile_cache").rglob("*"))
     assert any(p.is_file() for p in compiled), f"nothing compiled under {cache}"
     inspected = list((cache / "vllm" / "modelinfos").glob("*"))
     assert not inspected, f"vLLM inspected the model class in a subprocess: {inspected}"
 
-    other_checkpoint = shutil.copytree(tiny_model_dir, tmp_path / "step_2" / "model")
-    RolloutEngine(other_checkpoint, max_model_len=256, enforce_eager=False, compile_cache_dir=cache)
+    checkpoint = shutil.copytree(tiny_model_dir, tmp_path / "step_2" / "model")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
+    job = load_config(job_file, [])
+    engine = RolloutEngine.from_config(checkpoint, job.rollout, job.model, job.run.seed)
     graphs = sorted(p.name for p in (cache / "vllm" / "torch_compile_cache" / "torch_aot_compile").iterdir())
-    assert len(graphs) == 1, f"the second checkpoint compiled anew: {graphs}"
+    assert len(graphs) == 1, f"the checkpoint's start compiled anew: {graphs}"
+    [[gen]] = engine.generate(PROMPTS[:1], SamplingConfig(temperature=0.0, max_tokens=6, seed=0))
+    expected = trainer_logprobs(load_model(tiny_model_dir), PROMPTS[0], gen.token_ids)
+    assert torch.allclose(torch.tensor(gen.logprobs), expected, atol=1e-4)

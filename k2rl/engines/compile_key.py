@@ -7,7 +7,9 @@ torch.compile against 4 s from the cache (2026-12-06); on the CPU a copy of k2-t
 started in 32 s against 17 s from the same path. So the engine starts vLLM from `config_directory`:
 a copy of the checkpoint's files other than its weights, named by their contents, with random
 weights (vLLM's `load_format="dummy"`), then loads the real weights in place, as it loads the
-trainer's after each update.
+trainer's after each update. The copy's config names the dtype vLLM runs in, which the engine always
+sets itself: checkpoints differ there alone (`k2rl make-model` writes k2-mini in bf16, the trainer's
+fp32 master weights in fp32), and `k2rl prewarm` compiles ahead of the job for all of them.
 """
 from __future__ import annotations
 
@@ -28,22 +30,27 @@ def loads_in_place(model_dir: str | Path) -> bool:
     return "quantization_config" not in config
 
 
-def config_directory(model_dir: str | Path, root: str | Path) -> Path:
+def config_directory(model_dir: str | Path, root: str | Path, dtype: str) -> Path:
     """`root`/k2rl-model-configs/<hash of the files>: the same path for every checkpoint of the same
-    config and tokenizer. Written once (into a temporary directory, then renamed), so engines starting
-    at the same time on one machine read a complete copy, whichever of them wrote it."""
-    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
-    if not any(p.name == "config.json" for p in files):
+    config and tokenizer that vLLM runs in `dtype`. Written once (into a temporary directory, then
+    renamed), so engines starting at the same time on one machine read a complete copy, whichever of
+    them wrote it."""
+    paths = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES))
+    if not any(p.name == "config.json" for p in paths):
         raise FileNotFoundError(f"no config.json in {model_dir}; expected an HF-layout model directory")
+    files = {p.name: p.read_bytes() for p in paths}
+    config = json.loads(files["config.json"])
+    files["config.json"] = (json.dumps({**config, "dtype": dtype, "torch_dtype": dtype}, indent=2, sort_keys=True)
+                            + "\n").encode()
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, content in files.items():
+        digest.update(name.encode() + b"\0" + content + b"\0")
     target = Path(root) / "k2rl-model-configs" / digest.hexdigest()[:16]
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
-        for path in files:
-            shutil.copyfile(path, staging / path.name)
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
         try:
             os.rename(staging, target)
         except OSError:  # another engine renamed its identical copy first

@@ -77,7 +77,7 @@ class RolloutEngine:
 
     def __init__(self, model_dir, *, dtype="float32", seed=0, max_model_len=2048, kv_cache_memory_bytes=256 << 20,
                  gpu_memory_utilization=0.5, enforce_eager=True, sleep_level=2, tensor_parallel_size=1,
-                 expert_parallel=False, routing_replay=False, fp32_head=True, compile_cache_dir=None):
+                 expert_parallel=False, routing_replay=False, fp32_head=True, compile_cache_dir=None, weights=True):
         """With `tensor_parallel_size` > 1 this is one rank of an engine spanning that many processes of an
         existing torch.distributed world (RANK/WORLD_SIZE/MASTER_* set, consecutive ranks form an engine):
         vLLM's external launcher runs the rank in this process; every rank of the engine must get the
@@ -86,7 +86,9 @@ class RolloutEngine:
         With `routing_replay` every Generation carries the experts vLLM routed each position to
         (`Generation.routed_experts`, MoE layers only), for the trainer to replay. `fp32_head`: logits in
         fp32 when the model runs in bf16, as the trainer's (k2rl.model.head). `compile_cache_dir`: see
-        `use_compile_cache`."""
+        `use_compile_cache`. `weights=False` leaves vLLM's random weights in place of the checkpoint's
+        (`model_dir` may then hold the config and tokenizer alone): a compile ahead of the job
+        (`k2rl prewarm`)."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: tensors hand over directly
         os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", FLASHINFER_SAMPLER_DEFAULT)
         if compile_cache_dir is not None:
@@ -104,11 +106,12 @@ class RolloutEngine:
         # vLLM starts from the checkpoint's config alone, then takes its weights in place: one compile
         # serves every checkpoint of the architecture (k2rl.engines.compile_key)
         in_place = loads_in_place(model_dir)
-        source = config_directory(model_dir, envs.VLLM_CACHE_ROOT) if in_place else model_dir
+        source = config_directory(model_dir, envs.VLLM_CACHE_ROOT, dtype) if in_place else model_dir
         # Compact JSON under a schema: without it a weak policy (self-critique) spends its whole
         # budget on whitespace between keys. xgrammar is the backend that honours the switch.
-        kwargs = dict(model=str(source), load_format="dummy" if in_place else "auto", dtype=dtype, seed=seed,
-                      max_model_len=max_model_len, enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+        kwargs = dict(model=str(source), load_format="dummy" if in_place or not weights else "auto", dtype=dtype,
+                      seed=seed, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                      tensor_parallel_size=tensor_parallel_size,
                       structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
                       **head_dtype_override(dtype, fp32_head))
         if tensor_parallel_size > 1:
@@ -136,16 +139,17 @@ class RolloutEngine:
         self.moe_layers = moe_layer_ids(self.llm.llm_engine.model_config.hf_config) if routing_replay else None
         # Whether routed experts can skip vLLM's loaders (`load_experts`; GPU, unquantized, no EP)
         self.direct_experts = self.on_gpu and all(self.llm.collective_rpc(_can_copy_experts))
-        if in_place:
+        if in_place and weights:
             self.load_weights(read_weights(model_dir, None))
 
     @classmethod
-    def from_config(cls, model_dir, cfg: RolloutEngineConfig, model: ModelConfig, seed: int) -> RolloutEngine:
+    def from_config(cls, model_dir, cfg: RolloutEngineConfig, model: ModelConfig, seed: int,
+                    weights: bool = True) -> RolloutEngine:
         return cls(model_dir, dtype=model.dtype, fp32_head=model.fp32_head, seed=seed, max_model_len=cfg.max_model_len,
                    kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, gpu_memory_utilization=cfg.gpu_memory_utilization,
                    enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
                    tensor_parallel_size=cfg.tensor_parallel_size, expert_parallel=cfg.expert_parallel,
-                   routing_replay=cfg.routing_replay, compile_cache_dir=cfg.compile_cache_dir)
+                   routing_replay=cfg.routing_replay, compile_cache_dir=cfg.compile_cache_dir, weights=weights)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Per prompt, `sampling.n` generations (outer list in prompt order)."""

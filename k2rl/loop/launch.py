@@ -11,12 +11,19 @@ from k2rl.loop.run_dir import RunDir
 from k2rl.loop.trainer import Trainer, restore
 
 
+def given_model(config: JobConfig) -> Path | None:
+    """`model.path`, checked, or None (the job builds its preset)."""
+    if not config.model.path:
+        return None
+    path = Path(config.model.path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model.path {path}: no config.json there; expected an HF-layout model directory")
+    return path
+
+
 def initial_model(config: JobConfig, run_dir: RunDir) -> Path:
     """`model.path` when given, else the preset built once into the run directory (seeded)."""
-    if config.model.path:
-        path = Path(config.model.path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model.path {path}: no config.json there; expected an HF-layout model directory")
+    if path := given_model(config):
         return path
     path = run_dir.path / "model_init"
     if not (path / "model.safetensors").exists() and not list(path.glob("model-*.safetensors")):
