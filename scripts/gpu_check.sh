@@ -4,7 +4,7 @@
 # or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics and held-out
 # dialogs copied to LOG_DIR.
 #   bash scripts/gpu_check.sh [tests|bench|gap|all|demo] [LOG_DIR] [demo.py options]
-#   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches; both below)
+#   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
 # model is built once per machine (/tmp/k2-mini); GAP_MODEL=DIR gives the gap part another model.
 set -uo pipefail
@@ -48,9 +48,12 @@ if [[ $PART == gap || $PART == all ]]; then
 fi
 if [[ $PART == demo ]]; then
   # COLD=1: vLLM, Inductor and Triton compile into fresh caches, as on a fresh machine (the tests and
-  # the bench leave theirs warm); the kernels compiled are listed in LOG_DIR/compiled_kernels.txt
+  # the bench leave theirs warm); the kernels compiled are listed in LOG_DIR/compiled_kernels.txt.
+  # With --resume (COLD=1 again) the demo goes on with the caches its first call filled (the prewarm's).
   if [[ ${COLD:-0} == 1 ]]; then  # (vLLM moves Triton's and Inductor's caches under its own when it compiles)
-    cold=$(mktemp -d /tmp/cold-caches.XXXX)
+    cold=/tmp/gpu-demo-cold-caches
+    [[ " ${*:3} " == *" --resume "* ]] || rm -rf "$cold"
+    mkdir -p "$cold"
     export TRITON_CACHE_DIR=$cold/triton VLLM_CACHE_ROOT=$cold/vllm TORCHINDUCTOR_CACHE_DIR=$cold/inductor \
            XDG_CACHE_HOME=$cold/xdg CUDA_CACHE_PATH=$cold/cuda FLASHINFER_WORKSPACE_BASE=$cold/flashinfer
   fi
