@@ -17,10 +17,8 @@ on the CPU (experts are pre-packed for the CPU kernel), quantized experts, exper
 """
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -88,26 +86,3 @@ def _inter_block(name: str, stack: torch.Tensor, dim: int, block: slice, whole: 
         raise ValueError(f"{name}: intermediate size {stack.shape[dim]}, vLLM holds {whole} in all "
                          "(padded experts take vLLM's loader)")
     return stack.narrow(dim, block.start, block.stop - block.start)
-
-
-@contextmanager
-def experts_left_out_of_reload():
-    """vLLM's reload of everything but the experts: its layerwise reloader warns "Failed to load weights"
-    for each expert module the stream left out (and keeps their tensors, which `copy_experts` fills
-    next); silence that one message, nothing else."""
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    expected = _DropMessage("Failed to load weights", "RoutedExperts")
-    log.addFilter(expected)
-    try:
-        yield
-    finally:
-        log.removeFilter(expected)
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, text: str, layer: str):
-        super().__init__()
-        self.text, self.layer = text, layer
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (self.text in str(record.msg) and record.args and record.args[0] == self.layer)

@@ -17,16 +17,17 @@ Why in-process: weights then move from the trainer to vLLM as a tensor hand-off 
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from k2rl.engines.compile_key import config_directory, loads_in_place
-from k2rl.engines.expert_copy import copy_experts, direct_targets, experts_left_out_of_reload
+from k2rl.engines.expert_copy import copy_experts, direct_targets
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.checkpoint import read_weights
 from k2rl.model.routing import moe_layer_ids
@@ -182,7 +183,8 @@ class RolloutEngine:
         """Reload in place from one (possibly lazy) stream of checkpoint-named tensors; see module doc.
         Where `direct_experts`, the stream may leave the routed experts out for `load_experts`."""
         self._require_awake("load_weights", ("weights",))
-        with experts_left_out_of_reload() if self.direct_experts else nullcontext():
+        left_out = ("RotaryEmbedding", "RoutedExperts") if self.direct_experts else ("RotaryEmbedding",)
+        with _expected_unloaded(left_out):
             self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
         if self.awake["kv_cache"] or not self.on_gpu:
             # KV computed with the old weights may be cached. Not so on a GPU while the KV cache sleeps:
@@ -208,6 +210,32 @@ class RolloutEngine:
         asleep = [t for t in tags if not self.awake[t]]
         if asleep:
             raise RuntimeError(f"RolloutEngine.{op} needs {asleep} awake; call wake({tuple(asleep)}) first")
+
+
+@contextmanager
+def _expected_unloaded(layer_kinds: tuple[str, ...]):
+    """vLLM's reload warns "<layer class>: Failed to load weights" for each layer the stream did not
+    carry, and keeps that layer's tensors. Silence it for the layers left out by design, only those:
+    rotary embeddings (their cos/sin cache is computed, never in a checkpoint: a warning at every
+    sync and, as the engine loads checkpoints in place, every start) and, where `load_experts` copies
+    them next, the routed experts. Class names ending in `layer_kinds` (DeepseekScalingRotaryEmbedding)."""
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    expected = _DropUnloaded(layer_kinds)
+    log.addFilter(expected)
+    try:
+        yield
+    finally:
+        log.removeFilter(expected)
+
+
+class _DropUnloaded(logging.Filter):
+    def __init__(self, layer_kinds: tuple[str, ...]):
+        super().__init__()
+        self.layer_kinds = layer_kinds
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("Failed to load weights" in str(record.msg) and record.args
+                    and str(record.args[0]).endswith(self.layer_kinds))
 
 
 def _generation(completion, moe_layers: list[int] | None) -> Generation:
