@@ -56,10 +56,13 @@ def test_a_directory_without_config_is_named(tmp_path):
         config_directory(tmp_path, tmp_path / "cache", "float32")
 
 
-def test_prewarm_of_a_tensor_parallel_engine_names_the_setting(tmp_path, capsys):
+def test_prewarm_names_the_setting_it_cannot_take(tmp_path, capsys):
     from k2rl.cli import main
 
     job = tmp_path / "job.yaml"
     job.write_text("rollout:\n  tensor_parallel_size: 2\n")
     assert main(["prewarm", str(job)]) == 2
     assert "rollout.tensor_parallel_size=1" in capsys.readouterr().err
+    job.write_text(f"model:\n  path: {tmp_path}\n")
+    assert main(["prewarm", str(job)]) == 2
+    assert f"model.path {tmp_path}: no config.json there" in capsys.readouterr().err

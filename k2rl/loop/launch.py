@@ -9,6 +9,7 @@ from pathlib import Path
 from k2rl.config import JobConfig
 from k2rl.loop.run_dir import RunDir
 from k2rl.loop.trainer import Trainer, restore
+from k2rl.validation import ValidationFailed
 
 
 def given_model(config: JobConfig) -> Path | None:
@@ -17,7 +18,8 @@ def given_model(config: JobConfig) -> Path | None:
         return None
     path = Path(config.model.path)
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model.path {path}: no config.json there; expected an HF-layout model directory")
+        raise ValidationFailed(f"model.path {path}: no config.json there; expected an HF-layout model directory "
+                               "(`k2rl make-model` writes one)")
     return path
 
 
