@@ -9,7 +9,7 @@ by task kind, beside the model-free baselines on the same tasks.
 Runs land in OUT/demo-sft-sSEED and OUT/demo-rl-sSEED (metrics.jsonl, plots/, rollouts/ with the
 held-out dialogs as eval_step_N.jsonl, checkpoints/); the summary table and the per-task-type counts
 go to OUT/demo-sSEED.json. With --gpu the RL stage's rollout engine is compiled beside the SFT stage
-(`k2rl prewarm`, log in OUT/prewarm-sSEED.log).
+(`k2rl prewarm`, log in OUT/prewarm-sSEED.log; --no-prewarm leaves it to the RL stage).
 """
 import argparse
 import json
@@ -142,6 +142,8 @@ def main() -> None:
                         help="a config override for both stages, e.g. schedule.keep_checkpoints=1 (repeatable)")
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted stages from their last checkpoint; keep finished ones")
+    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                        help="with --gpu: the RL stage compiles its own engine, nothing beside the SFT stage")
     args = parser.parse_args()
     start = time.time()
     sft, rl = f"demo-sft-s{args.seed}", f"demo-rl-s{args.seed}"
@@ -150,7 +152,8 @@ def main() -> None:
     sft_steps = [f"schedule.steps={args.sft_steps}"] if args.sft_steps else []
     sft_settings = [*common, f"run.name={sft}", *sft_steps]
     sft_to_run = not (args.resume and finished(Path(args.out) / sft, sft_config, *sft_settings))
-    with prewarmed(rl_config, Path(args.out) / f"prewarm-s{args.seed}.log", *common, enabled=args.gpu and sft_to_run):
+    prewarm = args.gpu and args.prewarm and sft_to_run
+    with prewarmed(rl_config, Path(args.out) / f"prewarm-s{args.seed}.log", *common, enabled=prewarm):
         train(Path(args.out) / sft, sft_config, *sft_settings, resume=args.resume)
     sft_model = RunDir(Path(args.out) / sft).latest() / "model"
     rl_steps = [f"schedule.steps={args.rl_steps}"] if args.rl_steps else []
