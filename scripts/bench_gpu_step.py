@@ -165,7 +165,7 @@ class StandaloneBaseline:
         self.kind = kind
         cmd = [sys.executable, __file__, "--standalone-only", kind, *model_argv(args, model_dir), "--prompts",
                str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               *(a for override in overrides for a in ("--set", override))]
+               *set_argv(overrides)]
         self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
         self.errors = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
@@ -285,7 +285,12 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
 def model_argv(args, model_dir) -> list[str]:
     """`model_arguments`' options as parsed, for a child process of a benchmark script."""
     argv = ["--model-dir", str(model_dir), "--config", args.config] + (["--eager"] if args.eager else [])
-    return argv + [a for override in args.set for a in ("--set", override)]
+    return argv + set_argv(args.set)
+
+
+def set_argv(overrides) -> list[str]:
+    """Config overrides as `--set KEY=VALUE` arguments."""
+    return [a for override in overrides for a in ("--set", override)]
 
 
 def main() -> None:

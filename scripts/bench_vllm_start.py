@@ -65,11 +65,15 @@ def compiled_kernels(cache: Path) -> collections.Counter:
     return triton + nvcc
 
 
+def cache_env(cache: Path) -> dict[str, str]:
+    """This environment with every compile cache under `cache`."""
+    return dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
+
+
 def timed_start(args, cache: Path) -> tuple[float, list[str]]:
     cmd = [sys.executable, __file__, "--child", *model_argv(args, args.model_dir)]
     cmd += ["--inspect-in-subprocess"] if args.inspect_in_subprocess else []
-    env = dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=cache_env(cache))
     if done.returncode:
         raise RuntimeError(f"the engine did not start:\n{done.stderr[-3000:]}")
     result = [line for line in done.stdout.splitlines() if line.startswith('{"start_s"')][-1]
@@ -97,10 +101,9 @@ def prewarm(args, cache: Path) -> float:
     job_file = cache / "job.yaml"
     cache.mkdir(parents=True, exist_ok=True)
     dump_config(job, job_file)
-    env = dict(os.environ, **{name: str(cache / sub) for name, sub in CACHE_VARIABLES.items()})
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "k2rl.cli", "prewarm", str(job_file)], capture_output=True,
-                          text=True, env=env)
+                          text=True, env=cache_env(cache))
     if done.returncode:
         raise RuntimeError(f"k2rl prewarm failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - start

@@ -38,6 +38,11 @@ def last_step(run: Path) -> int:
     return found[1]["step"] if found else 0
 
 
+def k2rl(*argv: str, overrides) -> list[str]:
+    """A `k2rl` command line with the config overrides as `--set` arguments."""
+    return [sys.executable, "-m", "k2rl.cli", *argv, *(a for o in overrides for a in ("--set", o))]
+
+
 def finished(run: Path, config: str, *overrides: str) -> bool:
     return last_step(run) >= load_config(config, list(overrides)).schedule.steps
 
@@ -45,15 +50,14 @@ def finished(run: Path, config: str, *overrides: str) -> bool:
 def train(run: Path, config: str, *overrides: str, resume: bool = False) -> None:
     """One stage: `k2rl train`, or with `resume` the continuation of an interrupted one (a stage that
     finished is left as it is). A stage that stops early (SIGTERM checkpoints first) ends the demo."""
-    settings = [a for o in overrides for a in ("--set", o)]
     if resume and finished(run, config, *overrides):
         print(f"{run.name}: finished earlier (step {last_step(run)}), kept", flush=True)
         return
     if resume and last_step(run):
-        cmd = [sys.executable, "-m", "k2rl.cli", "train", "--resume", str(run), *settings]
+        cmd = k2rl("train", "--resume", str(run), overrides=overrides)
     else:
         shutil.rmtree(run, ignore_errors=True)
-        cmd = [sys.executable, "-m", "k2rl.cli", "train", config, *settings]
+        cmd = k2rl("train", config, overrides=overrides)
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True)
     if not finished(run, config, *overrides):
@@ -69,7 +73,7 @@ def prewarmed(config: str, log: Path, *overrides: str, enabled: bool):
     if not enabled:
         yield
         return
-    cmd = [sys.executable, "-m", "k2rl.cli", "prewarm", config, *(a for o in overrides for a in ("--set", o))]
+    cmd = k2rl("prewarm", config, overrides=overrides)
     print("$", " ".join(cmd[2:]), f"> {log} &", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
