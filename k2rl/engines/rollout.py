@@ -43,6 +43,9 @@ TAGS = ("weights", "kv_cache")
 # does) with its own top-p, as it does at top_p=1. VLLM_USE_FLASHINFER_SAMPLER=1 opts back in.
 FLASHINFER_SAMPLER_DEFAULT = "0"
 
+# On an AMX CPU vLLM picks AMX_MLA, which only takes bf16 weights; CPU_MLA runs any dtype.
+CPU_ATTENTION_BACKEND = "CPU_MLA"
+
 
 def head_dtype_override(dtype: str, fp32_head: bool) -> dict:
     """LLM(...) arguments for fp32 logits from a bf16 model (vLLM's `head_dtype`, vLLM >= 0.26)."""
@@ -129,8 +132,8 @@ class RolloutEngine:
 
             patch_cpu_rotary()
             patch_cpu_shm_names()
-            # On an AMX CPU vLLM picks AMX_MLA, which only takes bf16 weights; CPU_MLA runs any dtype.
-            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 << 20, attention_backend="CPU_MLA")
+            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_bytes or 256 << 20,
+                          attention_backend=CPU_ATTENTION_BACKEND)
         self.llm = LLM(**kwargs)
         if "hf_overrides" in kwargs and self.llm.llm_engine.model_config.head_dtype != torch.float32:
             # vLLM falls back to the model dtype with only a warning: the trainer would keep fp32 logits alone
