@@ -1,9 +1,9 @@
 """One colocated RL step on the H200, measured against baselines taken in the same run (issue 12):
 
 - rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
-  `LLM` with the same settings and vs the RolloutEngine alone (with routing replay on, also alone
-  without it), on the same prompts and sampling: tokens/s, each baseline in a process of its own
-  beside the Worker, their generates taking turns;
+  `LLM` with the same settings and vs the RolloutEngine alone (with `--replay-baseline` and routing
+  replay on, also alone without replay), on the same prompts and sampling: tokens/s, each baseline in
+  a process of its own beside the Worker, their generates taking turns;
 - train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
   transformers with grouped_mm experts (bf16, fused AdamW), on the same batch, with the config's
   gradient checkpointing and (when that is on) again without: tokens/s and MFU
@@ -16,7 +16,9 @@
   offload pins host memory);
 - the vLLM-trainer logprob gap on the sampled tokens, before and after a train step + sync.
 
-    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--set KEY=VALUE] [--json OUT.json]
+    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--replay-baseline] [--set KEY=VALUE] [--json OUT.json]
+
+A SIGTERM (a device call's time limit) still prints, and writes, the figures measured so far.
 
 On a CPU it runs as a smoke test of the same code (k2-tiny, fp32, no sleep mode, no training baselines:
 they need CUDA): python scripts/bench_gpu_step.py --preset k2-tiny --prompts 8 --new-tokens 16
@@ -27,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -303,6 +306,9 @@ def main() -> None:
     ap.add_argument("--train-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--replay-baseline", action="store_true",
+                    help="a third rollout baseline, the engine alone without routing replay: what replay costs "
+                         "(one more vLLM start; on an H100 the bench then outlasts a 10-minute device call)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     args = ap.parse_args()
 
@@ -322,6 +328,8 @@ def main() -> None:
     if args.standalone_only:
         return serve_standalone(standalone_generate(model_dir, job, prompts, sampling, args.standalone_only == "engine"))
     train_batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.train_seqs, args.seq_len), generator=gen).tolist())
+    # Python dies of SIGTERM without running `finally`; as an exit, the figures so far are printed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         measure(args, job, model_dir, config, prompts, sampling, train_batch, out)
     finally:
@@ -362,9 +370,10 @@ def print_figures(out: dict, json_path: str | None) -> None:
 
 def compare_rollout(args, model_dir, worker_generate, out: dict, routing_replay: bool) -> None:
     """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`); with
-    routing replay on, also against the engine alone without it, which tells what replay costs."""
+    `--replay-baseline` and routing replay on, also against the engine alone without replay, which
+    tells what replay costs."""
     baselines = [("vllm", "standalone_vllm", ()), ("engine", "engine_alone", ())]
-    if routing_replay:
+    if routing_replay and args.replay_baseline:
         baselines.append(("engine", "engine_alone_without_replay", ("rollout.routing_replay=false",)))
     for kind, name, overrides in baselines:
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)

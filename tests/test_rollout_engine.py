@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from k2rl.engines.rollout import RolloutEngine
+from k2rl.engines.rollout import RELOAD_LOGGERS, RolloutEngine
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.checkpoint import load_model, read_weights
 from k2rl.model.modeling import export_weights, greedy_decode
@@ -78,15 +78,17 @@ def test_reload_from_streamed_buckets_matches_trainer(engine, tiny_model_dir):
     assert torch.cat(gaps).max() < 2e-2
 
 
-def test_reload_warns_of_a_layer_left_out_but_not_of_the_rotary_cache(engine, tiny_model_dir):
-    """vLLM's reload keeps the tensors of a layer the stream did not carry, and warns. The rotary
-    embedding's cos/sin cache is computed, in no checkpoint: its warning, at every sync and start, is
-    dropped. A left-out layer that the checkpoint does hold still warns."""
+def test_reload_warns_of_a_layer_left_out_but_not_of_what_no_checkpoint_holds(engine, tiny_model_dir):
+    """vLLM's reload keeps the tensors of a layer the stream did not carry, and warns, per layer and
+    then by parameter name. The rotary embedding's cos/sin cache and MLA's absorbed projections are
+    computed, in no checkpoint: their warnings, at every sync and start, are dropped. A left-out layer
+    that the checkpoint does hold still warns, by its name."""
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    log.addHandler(handler)
+    logs = [logging.getLogger(name) for name in RELOAD_LOGGERS]
+    for log in logs:
+        log.addHandler(handler)
     try:
         weights = dict(read_weights(tiny_model_dir, None))
         engine.load_weights(weights.items())
@@ -94,9 +96,12 @@ def test_reload_warns_of_a_layer_left_out_but_not_of_the_rotary_cache(engine, ti
         engine.load_weights((name, t) for name, t in weights.items() if name != "lm_head.weight")
         partial = [r.getMessage() for r in records][len(whole):]
     finally:
-        log.removeHandler(handler)
-    assert not [m for m in whole if "Failed to load weights" in m], whole
+        for log in logs:
+            log.removeHandler(handler)
+    assert not [m for m in whole if "Failed to load weights" in m or "not loaded" in m], whole
     assert [m for m in partial if "Failed to load weights" in m] == ["ParallelLMHead: Failed to load weights"], partial
+    assert [m for m in partial if "not loaded" in m] == [
+        "Following weights were not loaded from checkpoint: {'lm_head.weight'}"], partial
 
 
 def test_routing_replay_on_the_cpu_is_refused_with_the_fix(tiny_model_dir):

@@ -186,8 +186,7 @@ class RolloutEngine:
         """Reload in place from one (possibly lazy) stream of checkpoint-named tensors; see module doc.
         Where `direct_experts`, the stream may leave the routed experts out for `load_experts`."""
         self._require_awake("load_weights", ("weights",))
-        left_out = ("RotaryEmbedding", "RoutedExperts") if self.direct_experts else ("RotaryEmbedding",)
-        with _expected_unloaded(left_out):
+        with _expected_unloaded(experts=self.direct_experts):
             self.llm.collective_rpc(_reload_in_worker, args=(iter(named_tensors),))
         if self.awake["kv_cache"] or not self.on_gpu:
             # KV computed with the old weights may be cached. Not so on a GPU while the KV cache sleeps:
@@ -215,30 +214,54 @@ class RolloutEngine:
             raise RuntimeError(f"RolloutEngine.{op} needs {asleep} awake; call wake({tuple(asleep)}) first")
 
 
+# vLLM's reload warns of what the stream did not carry, in two places: each layer whose weights did
+# not all come ("<layer class>: Failed to load weights"), and at the end the parameter names
+# ("Following weights were not loaded from checkpoint: {...}", vLLM-CPU's reload module, the GPU's
+# model runner). Its loggers, by module name:
+RELOAD_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace",
+                  "vllm.v1.worker.gpu_model_runner")
+# Parameters vLLM derives after loading, in no checkpoint: MLA's absorbed up-projections
+DERIVED_PARAMETERS = (".W_UK_T", ".W_UV")
+ROUTED_EXPERT_PARAMETERS = (".w13_weight", ".w2_weight")  # vLLM's stacked experts, under mlp.experts
+
+
 @contextmanager
-def _expected_unloaded(layer_kinds: tuple[str, ...]):
-    """vLLM's reload warns "<layer class>: Failed to load weights" for each layer the stream did not
-    carry, and keeps that layer's tensors. Silence it for the layers left out by design, only those:
-    rotary embeddings (their cos/sin cache is computed, never in a checkpoint: a warning at every
-    sync and, as the engine loads checkpoints in place, every start) and, where `load_experts` copies
-    them next, the routed experts. Class names ending in `layer_kinds` (DeepseekScalingRotaryEmbedding)."""
-    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
-    expected = _DropUnloaded(layer_kinds)
-    log.addFilter(expected)
+def _expected_unloaded(experts: bool):
+    """Silence vLLM's reload warnings for what is left out by design, only that: rotary embeddings
+    (their cos/sin cache is computed), MLA's derived projections, and with `experts` the routed
+    experts, which `load_experts` copies next. Otherwise a warning at every sync, and, as the engine
+    loads checkpoints in place, at every start; a real omission still warns, by name."""
+    expected = _DropExpected(experts)
+    logs = [logging.getLogger(name) for name in RELOAD_LOGGERS]
+    for log in logs:
+        log.addFilter(expected)
     try:
         yield
     finally:
-        log.removeFilter(expected)
+        for log in logs:
+            log.removeFilter(expected)
 
 
-class _DropUnloaded(logging.Filter):
-    def __init__(self, layer_kinds: tuple[str, ...]):
+class _DropExpected(logging.Filter):
+    def __init__(self, experts: bool):
         super().__init__()
-        self.layer_kinds = layer_kinds
+        # layer classes by name ending (DeepseekScalingRotaryEmbedding)
+        self.layer_kinds = ("RotaryEmbedding", "RoutedExperts") if experts else ("RotaryEmbedding",)
+        self.experts = experts
+
+    def expected(self, parameter: str) -> bool:
+        return parameter.endswith(DERIVED_PARAMETERS) or (
+            self.experts and ".mlp.experts." in parameter and parameter.endswith(ROUTED_EXPERT_PARAMETERS))
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not ("Failed to load weights" in str(record.msg) and record.args
-                    and str(record.args[0]).endswith(self.layer_kinds))
+        message = str(record.msg)
+        if "Failed to load weights" in message and record.args:
+            return not str(record.args[0]).endswith(self.layer_kinds)
+        if message.startswith("Following weights were not loaded") and record.args:
+            unexpected = {name for name in record.args[0] if not self.expected(name)}
+            record.args = (unexpected,)
+            return bool(unexpected)
+        return True
 
 
 def _generation(completion, moe_layers: list[int] | None) -> Generation:
