@@ -1,7 +1,8 @@
 """One colocated RL step on the H200, measured against baselines taken in the same run (issue 12):
 
 - rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
-  `LLM` with the same settings and vs the RolloutEngine alone (with `--replay-baseline` and routing
+  `LLM` as a user would start it (the engine's dtype, lengths, memory and CUDA graphs; no sleep mode,
+  no routing replay) and vs the RolloutEngine alone (with `--replay-baseline` and routing
   replay on, also alone without replay), on the same prompts and sampling: tokens/s, each baseline in
   a process of its own beside the Worker, their generates taking turns;
 - train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
