@@ -109,6 +109,7 @@ def test_train_step_learns_and_checkpoint_round_trips(engine, tmp_path):
     after = sum(float(lp.sum()) for lp in engine.logprobs(batch))
     assert after > before + 1.0, (before, after)
     assert stats[-1]["tokens"] > 0 and stats[-1]["grad_norm"] > 0 and stats[-1]["attn/max_logit"] > 0
+    assert stats[-1]["moe/max_load"] >= 1 and stats[-1]["moe/idle_experts"] >= 0
     assert stats[-1]["loss"] < stats[0]["loss"]
 
     engine.save_checkpoint(tmp_path / "ckpt")

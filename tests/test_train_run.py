@@ -38,7 +38,8 @@ EVERY_STEP = {
     "reward/total", "reward/verifiable", "reward/process", "reward/budget", "reward/wrong_refusal",
     "reward/judge_failures", "rollout/success", "rollout/wrong_refusal", "rollout/tool_calls", "rollout/process_score", "rollout/avg_turns", "rollout/generated_tokens",
     "rollout/truncated_rate", "rollout/tool_call_validity", "rollout/temperature", "rollout/length_tokens",
-    "mismatch/logprob_abs", "attn/max_logit", "attn/clipped_heads", "train/loss", "train/grad_norm", "train/lr",
+    "mismatch/logprob_abs", "attn/max_logit", "attn/clipped_heads", "moe/max_load", "moe/idle_experts",
+    "train/loss", "train/grad_norm", "train/lr",
     "time/switch", "time/rollout", "time/judge", "time/train", "time/reload", "time/step", "perf/tokens_per_s",
 }
 # The switch back to vLLM (weights synced) opens the next step: from step 2 on, and in no SFT step.

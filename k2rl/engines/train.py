@@ -36,6 +36,7 @@ from k2rl.config import JobConfig, OptimizerConfig
 from k2rl.engines.offload import PinnedOffloader
 from k2rl.engines.types import ROUTED_EXPERTS, TokenBatch, concat_batches, is_routed_expert
 from k2rl.model.checkpoint import load_model, save_weights, write_config
+from k2rl.model.expert_load import ExpertLoad
 from k2rl.model.experts import set_experts_implementation
 from k2rl.model.head import use_fp32_logits
 from k2rl.model.modeling import head_max_logits, reset_max_logits, to_checkpoint_names, trainable_state
@@ -135,6 +136,7 @@ class TrainEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config(job_cfg, self.on_gpu))
         self.model = self.engine.module
+        self.expert_load = ExpertLoad(self.model)
         if self.world == 1 and job_cfg.train.zero_stage == 0:
             # Without ZeRO, DeepSpeed all-reduces the gradients at every boundary by flattening them into
             # buckets and copying them back, even for a world of one: passes over every gradient that
@@ -259,8 +261,9 @@ class TrainEngine:
         return {**self._reduce_mean(sums), "grad_norm": float(grad_norm), **self._after_step()}
 
     def _after_step(self) -> dict[str, float]:
-        """lr, max attention logit (max over ranks) and QK-Clip, after the optimizer step."""
-        stats = {"lr": self.scheduler.get_last_lr()[0]}
+        """lr, the routed experts' load (summed over ranks), max attention logit (max over ranks) and
+        QK-Clip, after the optimizer step."""
+        stats = {"lr": self.scheduler.get_last_lr()[0], **self.expert_load.take(reduce=dist.all_reduce)}
         head_max = head_max_logits(self.model)
         if head_max is not None:
             head_max = head_max.detach().clone()

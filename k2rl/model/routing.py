@@ -27,7 +27,8 @@ def moe_layer_ids(config) -> list[int]:
     return [i for i in range(config.num_hidden_layers) if i >= config.first_k_dense_replace and i % freq == 0]
 
 
-def _routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MoE layers' routers (DeepseekV3TopkRouter), in layer order."""
     decoder = model.model if hasattr(model, "model") else model
     return [layer.mlp.gate for layer in decoder.layers if hasattr(layer.mlp, "gate")]
 
@@ -36,7 +37,7 @@ def own_routing(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor
     """[batch, seq, moe_layers, top_k]: the experts `model` picks itself for `input_ids` (no grad)."""
     picks = []
     hooks = [r.register_forward_hook(lambda m, _, out: picks.append(out[2].reshape(*input_ids.shape, -1)))
-             for r in _routers(model)]
+             for r in routers(model)]
     try:
         with torch.no_grad():
             model(input_ids=input_ids)
@@ -77,12 +78,12 @@ def replay_routing(model: torch.nn.Module, routed: torch.Tensor | None):
     if routed is None:
         yield None
         return
-    routers = _routers(model)
-    if routed.shape[2] != len(routers):
-        raise ValueError(f"routed experts cover {routed.shape[2]} MoE layers, the model has {len(routers)}")
+    moe_routers = routers(model)
+    if routed.shape[2] != len(moe_routers):
+        raise ValueError(f"routed experts cover {routed.shape[2]} MoE layers, the model has {len(moe_routers)}")
     replay = Replay(routed)
     handles = [router.register_forward_hook(lambda m, _, out, i=i: _replayed_output(m, out, replay.part[:, :, i]))
-               for i, router in enumerate(routers)]
+               for i, router in enumerate(moe_routers)]
     try:
         yield replay
     finally:
