@@ -1,8 +1,8 @@
 #!/bin/bash
 # The GPU checks of issue 12 on the device machine, from an unpacked site (PLATFORM.md, "vLLM on the
 # GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis;
-# or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics and held-out
-# dialogs copied to LOG_DIR.
+# or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics, held-out
+# dialogs and logs packed in LOG_DIR/demo-files.tar.gz (the device returns at most 8 files a call).
 #   bash scripts/gpu_check.sh [tests|bench|gap|all|demo] [LOG_DIR] [bench_gpu_step.py or demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
@@ -48,7 +48,7 @@ if [[ $PART == gap || $PART == all ]]; then
 fi
 if [[ $PART == demo ]]; then
   # COLD=1: vLLM, Inductor and Triton compile into fresh caches, as on a fresh machine (the tests and
-  # the bench leave theirs warm); the kernels compiled are listed in LOG_DIR/compiled_kernels.txt.
+  # the bench leave theirs warm); the kernels compiled are listed in compiled_kernels.txt (in the archive).
   # With --resume (COLD=1 again) the demo goes on with the caches its first call filled (the prewarm's).
   if [[ ${COLD:-0} == 1 ]]; then  # (vLLM moves Triton's and Inductor's caches under its own when it compiles)
     cold=/tmp/gpu-demo-cold-caches
@@ -67,12 +67,13 @@ if [[ $PART == demo ]]; then
   # A stopped demo's Ray processes (and its prewarm's vLLM) would keep their GPU memory from a --resume
   pkill -9 -f "[r]ay::|[r]aylet|[g]cs_server|[k]2rl.cli prewarm" 2>/dev/null
   sleep 2  # the time stamps' last lines
+  files=$(mktemp -d)  # packed into one archive below
   for run in /tmp/gpu-demo/demo-*; do
     [ -d "$run" ] || continue
-    mkdir -p "$LOGS/$(basename "$run")"
-    cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$LOGS/$(basename "$run")/" 2>/dev/null
+    mkdir -p "$files/$(basename "$run")"
+    cp "$run"/metrics.jsonl "$run"/rollouts/eval_step_*.jsonl "$files/$(basename "$run")/" 2>/dev/null
   done
-  cp /tmp/gpu-demo/demo-s*.json /tmp/gpu-demo/prewarm-s*.log "$LOGS/" 2>/dev/null
+  cp /tmp/gpu-demo/demo-s*.json /tmp/gpu-demo/prewarm-s*.log "$files/" 2>/dev/null
   # Each stage's Ray workers (vLLM and the trainer live there; their output is not sent to the
   # driver): the tail of each worker's stdout and stderr, one file per Ray session the demo started
   for session in $(find /tmp/ray -maxdepth 1 -name "session_2*" -newer "$started" 2>/dev/null); do
@@ -80,13 +81,14 @@ if [[ $PART == demo ]]; then
       [ -s "$log" ] || continue
       echo "== $(basename "$log")"
       grep -v "Warning\|warn(" "$log" | tail -n 150
-    done > "$LOGS/workers-$(basename "$session").log"
+    done > "$files/workers-$(basename "$session").log"
   done
   rm -f "$started"
   if [[ ${COLD:-0} == 1 ]]; then  # one cubin per Triton compile, one .so per FlashInfer (nvcc) module
     { find "$cold" -name "*.cubin" -printf "%f\n"; find "$cold/flashinfer" -name "*.so" -printf "nvcc: %f\n"; } 2>/dev/null \
-      | sed -E 's/\.(cubin|so)$//' | sort | uniq -c | sort -rn > "$LOGS/compiled_kernels.txt"
+      | sed -E 's/\.(cubin|so)$//' | sort | uniq -c | sort -rn > "$files/compiled_kernels.txt"
   fi
+  tar -czf "$LOGS/demo-files.tar.gz" -C "$files" . && rm -rf "$files"
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi
 exit $status
