@@ -3,11 +3,11 @@
 Why: k2rl does not update the routers' selection bias (`e_score_correction_bias`, DeepSeek-V3's
 auxiliary-loss-free balancing): a checkpoint's bias is kept as it came. A model trained from scratch
 (the demos' SFT cold starts) can then send most tokens to a few experts and leave others untrained,
-which no loss curve shows. The trainer logs, per optimizer step, over the positions of its forward
-passes (padding included; recomputed forwards count twice, evenly) and the routers' own picks
-(before routing replay substitutes vLLM's): `moe/max_load`, the busiest
-expert's share of its layer's assignments times the number of experts (1 = even, worst layer), and
-`moe/idle_experts`, the (layer, expert) pairs that got no token.
+which no loss curve shows. The trainer logs, per optimizer step, `moe/max_load`: the busiest
+expert's share of its layer's assignments times the number of experts (1 = even; the worst layer),
+and `moe/idle_experts`: the (layer, expert) pairs that got no token. Counted over every position of
+the step's forward passes (padding included; recomputed forwards count twice, evenly), from the
+routers' own picks (before routing replay substitutes vLLM's).
 """
 from __future__ import annotations
 
