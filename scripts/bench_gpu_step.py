@@ -41,6 +41,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 
+from k2rl.commands import set_arguments  # noqa: E402
+
 ON_GPU = torch.cuda.is_available()
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if ON_GPU else "cpu")
 PEAK_TFLOPS = 790.0  # H200 dense bf16, measured (PLATFORM.md); the H100 SXM has the same tensor-core peak
@@ -171,7 +173,7 @@ class StandaloneBaseline:
         self.kind = kind
         cmd = [sys.executable, __file__, "--standalone-only", kind, *model_argv(args, model_dir), "--prompts",
                str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               *set_argv(overrides)]
+               *set_arguments(overrides)]
         self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
         self.errors = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
@@ -291,12 +293,7 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
 def model_argv(args, model_dir) -> list[str]:
     """`model_arguments`' options as parsed, for a child process of a benchmark script."""
     argv = ["--model-dir", str(model_dir), "--config", args.config] + (["--eager"] if args.eager else [])
-    return argv + set_argv(args.set)
-
-
-def set_argv(overrides) -> list[str]:
-    """Config overrides as `--set KEY=VALUE` arguments."""
-    return [a for override in overrides for a in ("--set", override)]
+    return argv + set_arguments(args.set)
 
 
 def main() -> None:

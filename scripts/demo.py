@@ -20,6 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from k2rl.commands import set_arguments
 from k2rl.config import load_config
 from k2rl.env.kinds import task_type
 from k2rl.loop.run_dir import RunDir
@@ -40,7 +41,7 @@ def last_step(run: Path) -> int:
 
 def k2rl(*argv: str, overrides) -> list[str]:
     """A `k2rl` command line with the config overrides as `--set` arguments."""
-    return [sys.executable, "-m", "k2rl.cli", *argv, *(a for o in overrides for a in ("--set", o))]
+    return [sys.executable, "-m", "k2rl.cli", *argv, *set_arguments(overrides)]
 
 
 def finished(run: Path, config: str, *overrides: str) -> bool:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from k2rl.cli import main
+from k2rl.commands import set_arguments
 
 
 def _episode(task_id, tags, success, score, final, calls=0, valid=0, end="done"):
@@ -35,7 +36,7 @@ def test_per_kind_figures_of_a_hand_made_episode_file(tmp_path, capsys):
     weights = ["rewards.weights.verifiable=1", "rewards.weights.process=0.5", "rewards.weights.budget=1",
                "rewards.weights.unsolved=1", "rewards.weights.wrong_refusal=0.5", "rewards.weights.format=0.5"]
     assert main(["eval", "--episodes", str(path), "--summary", str(summary_path),
-                 *[a for w in weights for a in ("--set", w)]]) == 0
+                 *set_arguments(weights)]) == 0
     s = json.loads(summary_path.read_text())["hand"]
     assert (s["episodes"], s["action_episodes"], s["refuse_episodes"]) == (6, 4, 2)
     assert s["success_rate"] == pytest.approx(3 / 6)

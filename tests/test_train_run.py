@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from k2rl.commands import set_arguments
+
 pytestmark = pytest.mark.slow
 
 SMALL = ["algorithm.tasks_per_step=2", "algorithm.samples_per_task=2", "algorithm.max_new_tokens=24",
@@ -22,7 +24,7 @@ SMALL = ["algorithm.tasks_per_step=2", "algorithm.samples_per_task=2", "algorith
 
 def _cmd(out: Path, name: str, model_dir: Path, *extra: str) -> list[str]:
     sets = SMALL + [f"run.output_dir={out}", f"run.name={name}", f"model.path={model_dir}", *extra]
-    return [sys.executable, "-m", "k2rl.cli", "train", "configs/tiny-cpu.yaml", *[a for s in sets for a in ("--set", s)]]
+    return [sys.executable, "-m", "k2rl.cli", "train", "configs/tiny-cpu.yaml", *set_arguments(sets)]
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
