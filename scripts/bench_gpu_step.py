@@ -121,11 +121,21 @@ def logprob_gap(worker, batch, prefix: str) -> dict[str, float]:
     return {**out, **measured(prefix)}
 
 
-def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool):
+# What the RolloutEngine adds to plain vLLM (k2rl.engines.rollout), one at a time on top of plain vLLM
+# in scripts/bench_rollout_settings.py: which of them costs the rollout its speed
+ENGINE_SETTINGS = {
+    "sleep_mode": dict(enable_sleep_mode=True),
+    "routing_replay": dict(enable_return_routed_experts=True),
+    "structured_outputs": dict(structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True}),
+}
+
+
+def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
     """A baseline engine, warmed up; returns a function that generates on `prompts` and counts the tokens.
-    Plain vLLM, as a user would start it, with the rollout engine's settings; or the project's
-    RolloutEngine alone (sleep mode, structured-output backend, routing replay; no trainer beside it),
-    which tells the engine's settings apart from the colocation."""
+    Plain vLLM, as a user would start it, with the rollout engine's lengths, memory and CUDA graphs (and
+    one of `ENGINE_SETTINGS` where `setting` names it); or the project's RolloutEngine alone (sleep
+    mode, structured-output backend, routing replay; no trainer beside it), which tells the engine's
+    settings apart from the colocation."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -145,6 +155,7 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
                   **head_dtype_override(job.model.dtype, job.model.fp32_head))
     if r.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes
+    kwargs.update(ENGINE_SETTINGS.get(setting, {}))
     if not ON_GPU:  # the CPU smoke run, as the engine starts vLLM-CPU
         kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     llm = LLM(**kwargs)
@@ -169,11 +180,11 @@ class StandaloneBaseline:
     timings is seconds apart, and the shared machine's noise, which moved one engine 2x between runs
     minutes apart, moves both alike."""
 
-    def __init__(self, args, model_dir, kind: str, overrides: tuple[str, ...] = ()):
-        self.kind = kind
+    def __init__(self, args, model_dir, kind: str, overrides: tuple[str, ...] = (), setting: str | None = None):
+        self.kind = kind if setting is None else f"{kind} + {setting}"
         cmd = [sys.executable, __file__, "--standalone-only", kind, *model_argv(args, model_dir), "--prompts",
                str(args.prompts), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               *set_arguments(overrides)]
+               *set_arguments(overrides), *(["--vllm-setting", setting] if setting else [])]
         self.output: list[str] = []  # its stdout, vLLM's log among it, for vLLM's account of its start
         self.errors = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, text=True)
@@ -290,6 +301,22 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def rollout_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The rollout's workload (`rollout_workload` reads it): random prompts, sampled to a fixed length."""
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    return ap
+
+
+def rollout_workload(args, vocab: int, gen: torch.Generator):
+    """(prompts, sampling) of `rollout_arguments`: the same for every engine and process of a run."""
+    from k2rl.engines.types import SamplingConfig
+
+    prompts = [torch.randint(20, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
+    return prompts, SamplingConfig(temperature=1.0, max_tokens=args.new_tokens, seed=1)
+
+
 def model_argv(args, model_dir) -> list[str]:
     """`model_arguments`' options as parsed, for a child process of a benchmark script."""
     argv = ["--model-dir", str(model_dir), "--config", args.config] + (["--eager"] if args.eager else [])
@@ -297,10 +324,7 @@ def model_argv(args, model_dir) -> list[str]:
 
 
 def main() -> None:
-    ap = model_arguments(__doc__)
-    ap.add_argument("--prompts", type=int, default=256)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    ap = rollout_arguments(model_arguments(__doc__))
     ap.add_argument("--train-seqs", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--json", default=None, help="also write the figures here")
@@ -308,9 +332,10 @@ def main() -> None:
                     help="a third rollout baseline, the engine alone without routing replay: what replay costs "
                          "(one more vLLM start; on an H100 the bench then outlasts a 10-minute device call)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
+    ap.add_argument("--vllm-setting", choices=tuple(ENGINE_SETTINGS), help=argparse.SUPPRESS)  # ... with one of them
     args = ap.parse_args()
 
-    from k2rl.engines.types import SamplingConfig, TokenBatch
+    from k2rl.engines.types import TokenBatch
     from k2rl.model.build import make_model
     from k2rl.model.checkpoint import load_config
 
@@ -321,10 +346,10 @@ def main() -> None:
     config = load_config(model_dir)
     vocab = config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(20, vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
-    sampling = SamplingConfig(temperature=1.0, max_tokens=args.new_tokens, seed=1)
+    prompts, sampling = rollout_workload(args, vocab, gen)
     if args.standalone_only:
-        return serve_standalone(standalone_generate(model_dir, job, prompts, sampling, args.standalone_only == "engine"))
+        return serve_standalone(standalone_generate(model_dir, job, prompts, sampling, args.standalone_only == "engine",
+                                                    args.vllm_setting))
     train_batch = TokenBatch.from_lists(torch.randint(20, vocab, (args.train_seqs, args.seq_len), generator=gen).tolist())
     # Python dies of SIGTERM without running `finally`; as an exit, the figures so far are printed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

