@@ -102,6 +102,11 @@ class OptimizerConfig(Section):
         "experts at a time, a larger single matrix alone")
     qk_clip: bool = True
     qk_clip_tau: float = Field(100.0, gt=0, description="QK-Clip threshold on each head's max pre-softmax logit (K2: 100)")
+    router_bias_update: float = Field(
+        0.0, ge=0, description="auxiliary-loss-free expert balancing (DeepSeek-V3, K2): after each step every "
+        "router's selection bias moves this much toward the experts that got fewer than their share of the step's "
+        "tokens and away from those that got more (DeepSeek-V3 pretrained at 1e-3); 0 keeps a checkpoint's bias, "
+        "as RL on a pretrained model wants")
     warmup_steps: int = Field(0, ge=0)
     decay: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="after warmup, lr decays to min_lr_ratio x lr by the last of schedule.steps")

@@ -140,6 +140,30 @@ def test_muonclip_under_zero0_clips_heads(engine, tiny_model_dir):
     assert stats["grad_norm"] > 0 and stats["attn/clipped_heads"] > 0 and 0 < stats["attn/max_logit"]
 
 
+def test_balancing_moves_the_router_bias_that_sync_and_checkpoints_carry(tiny_model_dir, world_of_one, tmp_path):
+    """optimizer.router_bias_update: each step moves every selection bias by exactly the rate, and the
+    moved bias is what the trainer exports to vLLM and restores from a checkpoint."""
+    rate = 0.01
+    job = JobConfig(optimizer={"name": "adamw", "lr": 1e-3, "router_bias_update": rate}, train={"zero_stage": 0})
+    engine = TrainEngine(tiny_model_dir, job)
+
+    def biases():
+        return {n: t.clone() for bucket in engine.export_weights(1 << 30) for n, t in bucket
+                if n.endswith("e_score_correction_bias")}
+
+    before = biases()
+    engine.train_step(TokenBatch.from_lists(SEQS), nll)
+    moved = biases()
+    assert before.keys() == moved.keys() and before
+    for name, bias in moved.items():
+        step = (bias - before[name]).abs()
+        assert torch.allclose(step[step > 0], torch.tensor(rate)) and (step > 0).any(), name
+    engine.save_checkpoint(tmp_path / "ckpt")
+    engine.train_step(TokenBatch.from_lists(SEQS), nll)
+    engine.load_checkpoint(tmp_path / "ckpt")
+    assert all(torch.equal(moved[n], b) for n, b in biases().items())
+
+
 def test_k2_update_favours_the_better_samples_of_each_group(tiny_model_dir, world_of_one):
     """The RL direction end to end (Objective -> TrainEngine -> MuonClip, shared prompt run once, PTX rows
     mixed in): after one step, sum_i A_i * (change in log pi(y_i)) > 0 and the group's better samples

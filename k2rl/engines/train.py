@@ -263,7 +263,8 @@ class TrainEngine:
     def _after_step(self) -> dict[str, float]:
         """lr, the routed experts' load (summed over ranks), max attention logit (max over ranks) and
         QK-Clip, after the optimizer step."""
-        stats = {"lr": self.scheduler.get_last_lr()[0], **self.expert_load.take(reduce=dist.all_reduce)}
+        stats = {"lr": self.scheduler.get_last_lr()[0], **self.expert_load.take(
+            reduce=dist.all_reduce, bias_update=self.job.optimizer.router_bias_update)}
         head_max = head_max_logits(self.model)
         if head_max is not None:
             head_max = head_max.detach().clone()

@@ -1,13 +1,18 @@
-"""How evenly each MoE layer's router spreads the training tokens over its routed experts.
+"""How evenly each MoE layer's router spreads the training tokens over its routed experts, and the
+routers' auxiliary-loss-free balancing.
 
-Why: k2rl does not update the routers' selection bias (`e_score_correction_bias`, DeepSeek-V3's
-auxiliary-loss-free balancing): a checkpoint's bias is kept as it came. A model trained from scratch
-(the demos' SFT cold starts) can then send most tokens to a few experts and leave others untrained,
-which no loss curve shows. The trainer logs, per optimizer step, `moe/max_load`: the busiest
-expert's share of its layer's assignments times the number of experts (1 = even; the worst layer),
-and `moe/idle_experts`: the (layer, expert) pairs that got no token. Counted over every position of
-the step's forward passes (padding included; recomputed forwards count twice, evenly), from the
-routers' own picks (before routing replay substitutes vLLM's).
+Why: a model trained from scratch (the demos' SFT cold starts) can send most tokens to a few experts
+and leave the others untrained, which no loss curve shows. The trainer logs, per optimizer step,
+`moe/max_load`: the busiest expert's share of its layer's assignments times the number of experts
+(1 = even; the worst layer), and `moe/idle_experts`: the (layer, expert) pairs that got no token.
+Counted over every position of the step's forward passes (padding included; recomputed forwards
+count twice, evenly), from the routers' own picks (before routing replay substitutes vLLM's).
+
+With `optimizer.router_bias_update` (DeepSeek-V3's bias update speed) the same counts then balance
+the routers as DeepSeek-V3 and K2 do, without an auxiliary loss: each router's selection bias
+(`e_score_correction_bias`, which picks the experts but does not weight them) goes up by that much
+for every expert below its layer's mean load and down for every one above it. At 0 a checkpoint's
+bias stays as it came, as RL on a pretrained model wants.
 """
 from __future__ import annotations
 
@@ -36,9 +41,10 @@ class ExpertLoad:
         # not bincount: on CUDA it reads the largest id back to size its output, a sync per layer
         self.counts[layer].index_add_(0, picks, torch.ones_like(picks))
 
-    def take(self, reduce=None) -> dict[str, float]:
+    def take(self, reduce=None, bias_update: float = 0.0) -> dict[str, float]:
         """The metrics since the last `take` (empty when nothing was counted), then start over.
-        `reduce`: sums the [layers, experts] counts across ranks in place (all ranks must call it)."""
+        `reduce`: sums the [layers, experts] counts across ranks in place (all ranks must call it: every
+        rank then moves its biases alike). `bias_update`: the balancing step (module doc)."""
         if not self.routers:
             return {}
         empty = torch.zeros(self.routers[0].num_experts, dtype=torch.long, device=self.routers[0].weight.device)
@@ -50,7 +56,16 @@ class ExpertLoad:
         if not per_layer.all():
             return {}
         share = counts / per_layer[:, None]
+        if bias_update:
+            self._balance(counts, bias_update)
         return {"moe/max_load": float(share.max() * counts.shape[1]), "moe/idle_experts": int((counts == 0).sum())}
+
+    @torch.no_grad()
+    def _balance(self, counts: torch.Tensor, rate: float) -> None:
+        nudges = rate * torch.sign(counts.mean(dim=1, keepdim=True) - counts)
+        for router, nudge in zip(self.routers, nudges):
+            bias = router.e_score_correction_bias
+            bias += nudge.to(bias.device, bias.dtype)
 
     def remove(self) -> None:
         for hook in self.hooks:
