@@ -330,7 +330,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures here")
     ap.add_argument("--replay-baseline", action="store_true",
                     help="a third rollout baseline, the engine alone without routing replay: what replay costs "
-                         "(one more vLLM start; on an H100 the bench then outlasts a 10-minute device call)")
+                         "(one more vLLM start, at the end of the run)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=tuple(ENGINE_SETTINGS), help=argparse.SUPPRESS)  # ... with one of them
     args = ap.parse_args()
@@ -391,13 +391,13 @@ def print_figures(out: dict, json_path: str | None) -> None:
             json.dump(out, f, indent=1)
 
 
-def compare_rollout(args, model_dir, worker_generate, out: dict, routing_replay: bool) -> None:
-    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`); with
-    `--replay-baseline` and routing replay on, also against the engine alone without replay, which
-    tells what replay costs."""
-    baselines = [("vllm", "standalone_vllm", ()), ("engine", "engine_alone", ())]
-    if routing_replay and args.replay_baseline:
-        baselines.append(("engine", "engine_alone_without_replay", ("rollout.routing_replay=false",)))
+ROLLOUT_BASELINES = (("vllm", "standalone_vllm", ()), ("engine", "engine_alone", ()))
+# The engine alone without routing replay: what replay costs (`--replay-baseline`, last: optional)
+REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_replay=false",)),)
+
+
+def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> None:
+    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`)."""
     for kind, name, overrides in baselines:
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
@@ -472,8 +472,8 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
 
     after, out["rollout/tokens_per_s_after_reload"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
     # the baselines beside the Worker's awake vLLM (k2-mini on a GPU: ~28 GiB each at k2-mini-1gpu.yaml's 0.35)
-    compare_rollout(args, model_dir, lambda: engine_tokens(worker.generate(prompts, sampling)), out,
-                    job.rollout.routing_replay)
+    worker_generate = lambda: engine_tokens(worker.generate(prompts, sampling))  # noqa: E731
+    compare_rollout(args, model_dir, worker_generate, out, ROLLOUT_BASELINES)
     worker.to_train()
     out.update(logprob_gap(worker, completion_batch(prompts, after), "gap/after_step_sync"))
 
@@ -492,6 +492,10 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
         out["train/vs_grouped_mm"] = out["train/tokens_per_s_steady"] / out["baseline/grouped_mm_tokens_per_s"]
         out["train/after_switch_vs_grouped_mm"] = out["train/tokens_per_s"] / out["baseline/grouped_mm_tokens_per_s"]
         out["sync/vs_device_copy"] = out["sync/gb_per_s"] / out["sync/device_copy_gb_per_s"]
+    if args.replay_baseline and job.rollout.routing_replay:
+        worker.train.reload()  # offloaded for the grouped_mm baselines; the switch syncs from it
+        worker.to_rollout()
+        compare_rollout(args, model_dir, worker_generate, out, REPLAY_BASELINE)
 
 
 if __name__ == "__main__":
