@@ -6,7 +6,8 @@ Plain vLLM (as bench_gpu_step.py starts it: the engine's dtype, lengths, memory 
 one process for the whole run; beside it, one process at a time, plain vLLM with one setting of
 bench_gpu_step.ENGINE_SETTINGS added (sleep mode, routing replay, the structured-output backend) and
 then the RolloutEngine itself. Their generates take turns on the same prompts and seeds, so the shared
-machine's noise moves both alike; each line is the median ratio of ROLLOUT_REPEATS pairs.
+machine's noise moves both alike; each setting's figure is the median ratio of `--repeats` pairs,
+with the lowest and highest beside it.
 
     python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--json OUT.json]
 
@@ -18,23 +19,27 @@ from __future__ import annotations
 
 import tempfile
 
-from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, ROLLOUT_REPEATS, StandaloneBaseline, job_config, model_arguments,
-                            print_figures, rollout_arguments)
+from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, StandaloneBaseline, job_config, model_arguments, print_figures,
+                            rollout_arguments)
 
 GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay")
 
 
-def paired_ratio(plain: StandaloneBaseline, other: StandaloneBaseline) -> tuple[float, float, float]:
-    """(plain's best tokens/s, other's best, the median of other/plain over pairs taken in turn)."""
-    pairs = [(plain.tokens_per_s(), other.tokens_per_s()) for _ in range(ROLLOUT_REPEATS)]
+def paired_ratios(plain: StandaloneBaseline, other: StandaloneBaseline, repeats: int, setting: str) -> dict[str, float]:
+    """Best tokens/s of each over `repeats` pairs of generates taken in turn, and other/plain per pair:
+    their median, and the lowest and highest (how far one pair is from the next on this machine)."""
+    pairs = [(plain.tokens_per_s(), other.tokens_per_s()) for _ in range(repeats)]
     ratios = sorted(o / p for p, o in pairs)
-    return max(p for p, _ in pairs), max(o for _, o in pairs), ratios[len(ratios) // 2]
+    return {f"{setting}/plain_vllm_tokens_per_s": max(p for p, _ in pairs),
+            f"{setting}/tokens_per_s": max(o for _, o in pairs), f"{setting}/vs_plain_vllm": ratios[len(ratios) // 2],
+            f"{setting}/vs_plain_vllm_lowest": ratios[0], f"{setting}/vs_plain_vllm_highest": ratios[-1]}
 
 
 def main() -> None:
     ap = rollout_arguments(model_arguments(__doc__))
     ap.add_argument("--setting", action="append", choices=tuple(ENGINE_SETTINGS) + ("engine",),
                     help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
+    ap.add_argument("--repeats", type=int, default=5, help="pairs of generates per setting")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -53,13 +58,14 @@ def main() -> None:
             other = (StandaloneBaseline(args, model_dir, "engine") if setting == "engine"
                      else StandaloneBaseline(args, model_dir, "vllm", setting=setting))
             try:
-                out[f"{setting}/plain_vllm_tokens_per_s"], out[f"{setting}/tokens_per_s"], out[f"{setting}/vs_plain_vllm"] = (
-                    paired_ratio(plain, other))
+                out.update(paired_ratios(plain, other, args.repeats, setting))
             finally:
-                other.close()
+                for line in other.close():
+                    print(f"[{setting} start] {line}", flush=True)
             print_figures({k: v for k, v in out.items() if k.startswith(setting)}, None)
     finally:
-        plain.close()
+        for line in plain.close():
+            print(f"[plain vLLM start] {line}", flush=True)
         print_figures(out, args.json)
 
 
