@@ -47,6 +47,7 @@ ON_GPU = torch.cuda.is_available()
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if ON_GPU else "cpu")
 PEAK_TFLOPS = 790.0  # H200 dense bf16, measured (PLATFORM.md); the H100 SXM has the same tensor-core peak
 ROLLOUT_REPEATS = 3
+PAIRED_REPEATS = 5
 STEADY_STEPS = 3
 
 
@@ -227,15 +228,16 @@ class StandaloneBaseline:
         raise RuntimeError(f"standalone {self.kind} failed:\n{self.errors.read()[-3000:]}")
 
 
-def paired_rates(worker_generate, baseline: StandaloneBaseline) -> tuple[float, float, float]:
-    """The Worker and `baseline` generate in turn, ROLLOUT_REPEATS times each: (the Worker's best
-    tokens/s, the baseline's best, the median of the pairs' ratios)."""
-    pairs = []
-    for _ in range(ROLLOUT_REPEATS):
-        tokens, seconds = timed(worker_generate)
-        pairs.append((tokens / seconds, baseline.tokens_per_s()))
-    ratios = sorted(w / b for w, b in pairs)
-    return max(w for w, _ in pairs), max(b for _, b in pairs), ratios[len(ratios) // 2]
+def paired_rates(first, second, names: tuple[str, str, str], repeats: int = PAIRED_REPEATS) -> dict[str, float]:
+    """`first` and `second` (each a generate returning its tokens/s) in turn, `repeats` times; figures
+    under `names` (first, second, ratio): each one's best tokens/s, and second/first per pair: the
+    median, the lowest and the highest (how far one pair is from the next on this machine: one H100
+    pair in three was 0.71 of its median, 2026-12-06)."""
+    pairs = [(first(), second()) for _ in range(repeats)]
+    ratios = sorted(b / a for a, b in pairs)
+    first_name, second_name, ratio = names
+    return {first_name: max(a for a, _ in pairs), second_name: max(b for _, b in pairs),
+            ratio: ratios[len(ratios) // 2], f"{ratio}_lowest": ratios[0], f"{ratio}_highest": ratios[-1]}
 
 
 def grouped_mm_tokens_per_s(model_dir, batch, checkpointing: bool, steps: int = 3) -> float:
@@ -398,12 +400,15 @@ REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_r
 
 def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> None:
     """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`)."""
+    def worker_rate():
+        tokens, seconds = timed(worker_generate)
+        return tokens / seconds
+
     for kind, name, overrides in baselines:
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
-            worker_rate, out[f"baseline/{name}_tokens_per_s"], out[f"rollout/vs_{name}"] = paired_rates(
-                worker_generate, baseline)
-            out[f"rollout/tokens_per_s_beside_{name}"] = worker_rate
+            out.update(paired_rates(baseline.tokens_per_s, worker_rate, (
+                f"baseline/{name}_tokens_per_s", f"rollout/tokens_per_s_beside_{name}", f"rollout/vs_{name}")))
         finally:
             for line in baseline.close():
                 print(f"[{name} start] {line}", flush=True)

@@ -19,27 +19,17 @@ from __future__ import annotations
 
 import tempfile
 
-from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, StandaloneBaseline, job_config, model_arguments, print_figures,
-                            rollout_arguments)
+from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, PAIRED_REPEATS, StandaloneBaseline, job_config, model_arguments,
+                            paired_rates, print_figures, rollout_arguments)
 
 GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay")
-
-
-def paired_ratios(plain: StandaloneBaseline, other: StandaloneBaseline, repeats: int, setting: str) -> dict[str, float]:
-    """Best tokens/s of each over `repeats` pairs of generates taken in turn, and other/plain per pair:
-    their median, and the lowest and highest (how far one pair is from the next on this machine)."""
-    pairs = [(plain.tokens_per_s(), other.tokens_per_s()) for _ in range(repeats)]
-    ratios = sorted(o / p for p, o in pairs)
-    return {f"{setting}/plain_vllm_tokens_per_s": max(p for p, _ in pairs),
-            f"{setting}/tokens_per_s": max(o for _, o in pairs), f"{setting}/vs_plain_vllm": ratios[len(ratios) // 2],
-            f"{setting}/vs_plain_vllm_lowest": ratios[0], f"{setting}/vs_plain_vllm_highest": ratios[-1]}
 
 
 def main() -> None:
     ap = rollout_arguments(model_arguments(__doc__))
     ap.add_argument("--setting", action="append", choices=tuple(ENGINE_SETTINGS) + ("engine",),
                     help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
-    ap.add_argument("--repeats", type=int, default=5, help="pairs of generates per setting")
+    ap.add_argument("--repeats", type=int, default=PAIRED_REPEATS, help="pairs of generates per setting")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -58,7 +48,9 @@ def main() -> None:
             other = (StandaloneBaseline(args, model_dir, "engine") if setting == "engine"
                      else StandaloneBaseline(args, model_dir, "vllm", setting=setting))
             try:
-                out.update(paired_ratios(plain, other, args.repeats, setting))
+                out.update(paired_rates(plain.tokens_per_s, other.tokens_per_s, (
+                    f"{setting}/plain_vllm_tokens_per_s", f"{setting}/tokens_per_s", f"{setting}/vs_plain_vllm"),
+                    args.repeats))
             finally:
                 for line in other.close():
                     print(f"[{setting} start] {line}", flush=True)
