@@ -26,6 +26,7 @@ import collections
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,11 +37,13 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 from bench_gpu_step import job_config, model_arguments, model_argv, vllm_start_lines  # noqa: E402
 
+from k2rl.engines.rollout import COMPILE_CACHES  # noqa: E402
+
 # vLLM moves Triton's and Inductor's caches under its own once it compiles; the others (FlashInfer's JIT
 # modules under FLASHINFER_WORKSPACE_BASE/.cache, CUDA's PTX cache) are redirected too, so the first
 # start is a fresh machine's.
-CACHE_VARIABLES = {"TRITON_CACHE_DIR": "triton", "VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor",
-                   "XDG_CACHE_HOME": "xdg", "CUDA_CACHE_PATH": "cuda", "FLASHINFER_WORKSPACE_BASE": "flashinfer"}
+CACHE_VARIABLES = {**COMPILE_CACHES, "XDG_CACHE_HOME": "xdg", "CUDA_CACHE_PATH": "cuda",
+                   "FLASHINFER_WORKSPACE_BASE": "flashinfer"}
 
 
 def start_engine(args) -> None:
@@ -115,9 +118,14 @@ def main() -> None:
     ap.add_argument("--inspect-in-subprocess", action="store_true",
                     help="leave the model class to vLLM's inspection subprocess, as plain vLLM does")
     ap.add_argument("--prewarm", action="store_true", help="also a start after `k2rl prewarm` into fresh caches")
+    ap.add_argument("--cache-env", metavar="DIR", help="only print the shell exports that point every cache "
+                    "this bench redirects under DIR (scripts/gpu_check.sh's COLD=1), then exit")
     args = ap.parse_args()
     if args.child:
         return start_engine(args)
+    if args.cache_env:
+        return print(" ".join(f"export {name}={shlex.quote(str(Path(args.cache_env) / sub))};"
+                              for name, sub in CACHE_VARIABLES.items()))
 
     from k2rl.model.build import make_model
 

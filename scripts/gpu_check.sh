@@ -59,8 +59,7 @@ if [[ $PART == demo ]]; then
     cold=/tmp/gpu-demo-cold-caches
     [[ " ${*:3} " == *" --resume "* ]] || rm -rf "$cold"
     mkdir -p "$cold"
-    export TRITON_CACHE_DIR=$cold/triton VLLM_CACHE_ROOT=$cold/vllm TORCHINDUCTOR_CACHE_DIR=$cold/inductor \
-           XDG_CACHE_HOME=$cold/xdg CUDA_CACHE_PATH=$cold/cuda FLASHINFER_WORKSPACE_BASE=$cold/flashinfer
+    eval "$(python3 scripts/bench_vllm_start.py --cache-env "$cold")"  # the caches bench_vllm_start.py redirects
   fi
   # DEMO_LIMIT=SECONDS stops the demo (SIGTERM: it checkpoints; --resume continues) in time to keep its logs:
   # at most the device call's limit minus ~45 s (30 s for the SIGTERM checkpoint, then the copies below)

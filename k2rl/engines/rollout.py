@@ -52,6 +52,10 @@ def head_dtype_override(dtype: str, fp32_head: bool) -> dict:
     return {"hf_overrides": {"head_dtype": "float32"}} if fp32_head and dtype != "float32" else {}
 
 
+# Where vLLM, Inductor and Triton keep what they compile: environment variable -> subdirectory of a root
+COMPILE_CACHES = {"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
 def use_compile_cache(root: str | Path) -> None:
     """Keep vLLM's, Inductor's and Triton's compiled kernels under `root` (this process and the ones it
     starts: they read the environment). A fresh machine's first start is mostly compiling (the fused
@@ -59,8 +63,7 @@ def use_compile_cache(root: str | Path) -> None:
     from vllm import envs
 
     root = Path(root).expanduser()
-    os.environ.update(VLLM_CACHE_ROOT=str(root / "vllm"), TORCHINDUCTOR_CACHE_DIR=str(root / "inductor"),
-                      TRITON_CACHE_DIR=str(root / "triton"))
+    os.environ.update({name: str(root / sub) for name, sub in COMPILE_CACHES.items()})
     envs.disable_envs_cache()  # vLLM freezes its environment once an engine has run in this process
 
 
