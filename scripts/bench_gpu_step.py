@@ -138,9 +138,9 @@ SAMPLING_SETTINGS = {"unseeded": dict(seed=None)}
 def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
     """A baseline engine, warmed up; returns a function that generates on `prompts` and counts the tokens.
     Plain vLLM, as a user would start it, with the rollout engine's lengths, memory and CUDA graphs (and
-    one of `ENGINE_SETTINGS` or `SAMPLING_SETTINGS` where `setting` names it); or the project's RolloutEngine alone (sleep
-    mode, structured-output backend, routing replay; no trainer beside it), which tells the engine's
-    settings apart from the colocation."""
+    one of `ENGINE_SETTINGS` or `SAMPLING_SETTINGS` where `setting` names it); or the project's
+    RolloutEngine alone (sleep mode, structured-output backend, routing replay; no trainer beside it),
+    which tells the engine's settings apart from the colocation."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

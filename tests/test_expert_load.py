@@ -28,7 +28,6 @@ def test_load_counts_training_forwards_and_names_a_collapsed_router(tiny_model_d
     assert load.take() == {}
 
 
-
 def test_balancing_moves_each_bias_toward_its_underloaded_experts_until_a_collapsed_router_spreads(tiny_model_dir):
     model = load_model(tiny_model_dir)
     layers = routers(model)
