@@ -173,11 +173,30 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
 
 
 def serve_standalone(generate) -> None:
-    """The baseline's process: one timed generate per line on stdin, its tokens/s as a JSON line."""
+    """The baseline's process: per line on stdin one generate, timed ("go": its tokens/s) or profiled
+    ("profile": `kernel_profile`), answered as a JSON line."""
     print(json.dumps({"ready": True}), flush=True)
-    for _ in sys.stdin:
+    for line in sys.stdin:
+        if line.strip() == "profile":
+            print(json.dumps({"profile": kernel_profile(generate)}), flush=True)
+            continue
         tokens, seconds = timed(generate)
         print(json.dumps({"tokens_per_s": tokens / seconds}), flush=True)
+
+
+def kernel_profile(generate, top: int = 12) -> dict:
+    """One generate under torch's profiler: its wall seconds, the seconds and launches of its GPU kernels
+    (on a CPU: its operators' own time), and the `top` kernels by time. Where two engines' walls
+    differ but their kernels do not, the difference is host time between the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
+        _, seconds = timed(generate)
+    kind = torch.autograd.DeviceType.CUDA if ON_GPU else torch.autograd.DeviceType.CPU
+    rows = sorted(((e.self_device_time_total if ON_GPU else e.self_cpu_time_total) / 1e6, e.count, e.key)
+                  for e in prof.key_averages() if e.device_type == kind)[::-1]
+    return {"wall_s": seconds, "kernel_s": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
+            "top": [[name, s, count] for s, count, name in rows[:top]]}
 
 
 class StandaloneBaseline:
@@ -201,12 +220,19 @@ class StandaloneBaseline:
             raise
 
     def tokens_per_s(self) -> float:
+        return self._ask("go", "tokens_per_s")
+
+    def profile(self) -> dict:
+        """`kernel_profile` of one generate in that process."""
+        return self._ask("profile", "profile")
+
+    def _ask(self, command: str, key: str):
         try:
-            self.proc.stdin.write("go\n")
+            self.proc.stdin.write(f"{command}\n")
             self.proc.stdin.flush()
         except OSError:  # it died: its stderr says why
             self._failed()
-        return self._read("tokens_per_s")
+        return self._read(key)
 
     def close(self) -> list[str]:
         """Stop the process; vLLM's account of its start (with this machine's caches warm)."""
@@ -220,7 +246,7 @@ class StandaloneBaseline:
         self.errors.close()
         return lines
 
-    def _read(self, key: str) -> float:
+    def _read(self, key: str):
         for line in self.proc.stdout:
             if line.startswith(f'{{"{key}"'):
                 return json.loads(line)[key]

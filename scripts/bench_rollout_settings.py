@@ -10,7 +10,10 @@ RolloutEngine itself. Their generates take turns on the same prompts and seeds, 
 machine's noise moves both alike; each setting's figure is the median ratio of `--repeats` pairs,
 with the lowest and highest beside it.
 
-    python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--json OUT.json]
+    python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--profile] [--json OUT.json]
+
+`--profile` then tells host time from kernel time: where the kernels match but the walls do not, the
+setting costs time between the kernels.
 
 A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, so only the
 structured-output backend, unseeded requests and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny
@@ -26,11 +29,32 @@ from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, PAIRED_REPEATS, SAMPLING_SE
 GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay")
 
 
+def compare_profiles(setting: str, plain: dict, other: dict) -> dict[str, float]:
+    """Print two `kernel_profile`s side by side (top kernels of either, seconds and launches in each);
+    returns the setting's kernel and wall seconds as fractions of plain vLLM's."""
+    print(f"[{setting} profile] {'kernel':<70} {'plain s':>8} {'n':>7} {setting + ' s':>10} {'n':>7}")
+    for label, key in (("wall", "wall_s"), ("all kernels", "kernel_s")):
+        print(f"[{setting} profile] {label:<70} {plain[key]:>8.3f} {'':>7} {other[key]:>10.3f}")
+    rows = {name: {} for name, _, _ in plain["top"] + other["top"]}
+    for which, profile in (("plain", plain), ("other", other)):
+        for name, seconds, count in profile["top"]:
+            rows[name][which] = (seconds, count)
+    for name, cells in rows.items():
+        (ps, pn), (os_, on) = cells.get("plain", (0.0, 0)), cells.get("other", (0.0, 0))
+        print(f"[{setting} profile] {name[:70]:<70} {ps:>8.3f} {pn:>7} {os_:>10.3f} {on:>7}")
+    return {f"{setting}/profiled_wall_vs_plain": other["wall_s"] / plain["wall_s"],
+            f"{setting}/kernel_s_vs_plain": other["kernel_s"] / plain["kernel_s"],
+            f"{setting}/launches_vs_plain": other["launches"] / plain["launches"]}
+
+
 def main() -> None:
     ap = rollout_arguments(model_arguments(__doc__))
     ap.add_argument("--setting", action="append", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, "engine"),
                     help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
     ap.add_argument("--repeats", type=int, default=PAIRED_REPEATS, help="pairs of generates per setting")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each setting's pairs, one generate of each under torch's profiler: their kernel "
+                         "time and launches beside their wall time, and their top kernels side by side")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -52,6 +76,8 @@ def main() -> None:
                 out.update(paired_rates(plain.tokens_per_s, other.tokens_per_s, (
                     f"{setting}/plain_vllm_tokens_per_s", f"{setting}/tokens_per_s", f"{setting}/vs_plain_vllm"),
                     args.repeats))
+                if args.profile:
+                    out.update(compare_profiles(setting, plain.profile(), other.profile()))
             finally:
                 for line in other.close():
                     print(f"[{setting} start] {line}", flush=True)
