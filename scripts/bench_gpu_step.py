@@ -42,6 +42,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 from k2rl.commands import set_arguments  # noqa: E402
+from k2rl.engines.seeded_sampling import patch_seeded_sampling  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if ON_GPU else "cpu")
@@ -133,6 +134,8 @@ ENGINE_SETTINGS = {
 # rollout request, so that a resumed run samples what the uninterrupted one did). vLLM samples a
 # seeded request's noise apart from the batch, one kernel per request and step.
 SAMPLING_SETTINGS = {"unseeded": dict(seed=None)}
+# ... and what the engine patches into vLLM: seeded requests' noise in one kernel (k2rl.engines.seeded_sampling)
+PATCH_SETTINGS = {"batched_seeds": patch_seeded_sampling}
 
 
 def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
@@ -161,6 +164,8 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
     if r.kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes
     kwargs.update(ENGINE_SETTINGS.get(setting, {}))
+    if setting in PATCH_SETTINGS:
+        PATCH_SETTINGS[setting]()
     if not ON_GPU:  # the CPU smoke run, as the engine starts vLLM-CPU
         kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     llm = LLM(**kwargs)
@@ -365,7 +370,7 @@ def main() -> None:
                     help="a third rollout baseline, the engine alone without routing replay: what replay costs "
                          "(one more vLLM start, at the end of the run)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
-    ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS), help=argparse.SUPPRESS)  # ... with one
+    ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS), help=argparse.SUPPRESS)  # ... with one
     args = ap.parse_args()
 
     from k2rl.engines.types import TokenBatch

@@ -5,7 +5,8 @@ settings cost it, not the colocation).
 Plain vLLM (as bench_gpu_step.py starts it: the engine's dtype, lengths, memory and CUDA graphs) runs in
 one process for the whole run; beside it, one process at a time, plain vLLM with one setting of
 bench_gpu_step.ENGINE_SETTINGS added (sleep mode, routing replay, the structured-output backend), or its
-requests without a seed each (`unseeded`: what k2rl's per-request seeds cost), and then the
+requests without a seed each (`unseeded`: what k2rl's per-request seeds cost), or vLLM's sampler
+patched as the engine patches it (`batched_seeds`: seeded requests' noise in one kernel), and then the
 RolloutEngine itself. Their generates take turns on the same prompts and seeds, so the shared
 machine's noise moves both alike; each setting's figure is the median ratio of `--repeats` pairs,
 with the lowest and highest beside it.
@@ -15,7 +16,8 @@ with the lowest and highest beside it.
 `--profile` then tells host time from kernel time: where the kernels match but the walls do not, the
 setting costs time between the kernels.
 
-A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, so only the
+A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, nor the
+sampler the patch replaces, so only the
 structured-output backend, unseeded requests and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny
 --prompts 8 --new-tokens 16
 """
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import tempfile
 
-from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, PAIRED_REPEATS, SAMPLING_SETTINGS, StandaloneBaseline, job_config,
-                            model_arguments, paired_rates, print_figures, rollout_arguments)
+from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, PAIRED_REPEATS, PATCH_SETTINGS, SAMPLING_SETTINGS,
+                            StandaloneBaseline, job_config, model_arguments, paired_rates, print_figures,
+                            rollout_arguments)
 
-GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay")
+GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay", "batched_seeds")
 
 
 def compare_profiles(setting: str, plain: dict, other: dict) -> dict[str, float]:
@@ -49,7 +52,8 @@ def compare_profiles(setting: str, plain: dict, other: dict) -> dict[str, float]
 
 def main() -> None:
     ap = rollout_arguments(model_arguments(__doc__))
-    ap.add_argument("--setting", action="append", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, "engine"),
+    ap.add_argument("--setting", action="append",
+                    choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS, "engine"),
                     help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
     ap.add_argument("--repeats", type=int, default=PAIRED_REPEATS, help="pairs of generates per setting")
     ap.add_argument("--profile", action="store_true",
@@ -61,7 +65,7 @@ def main() -> None:
     from k2rl.model.build import make_model
 
     job = job_config(args)
-    settings = args.setting or [*ENGINE_SETTINGS, *SAMPLING_SETTINGS, "engine"]
+    settings = args.setting or [*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS, "engine"]
     if not ON_GPU:
         settings = [s for s in settings if s not in GPU_ONLY_SETTINGS]
     model_dir = args.model_dir or make_model(args.preset or job.model.preset, tempfile.mkdtemp(prefix="bench-rollout-"),

@@ -28,6 +28,7 @@ import torch
 
 from k2rl.engines.compile_key import config_directory, loads_in_place
 from k2rl.engines.expert_copy import copy_experts, direct_targets
+from k2rl.engines.seeded_sampling import patch_seeded_sampling
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.checkpoint import read_weights
 from k2rl.model.routing import moe_layer_ids
@@ -126,6 +127,7 @@ class RolloutEngine:
             kwargs.update(distributed_executor_backend="external_launcher", enable_expert_parallel=expert_parallel,
                           disable_custom_all_reduce=True)
         if self.on_gpu:
+            patch_seeded_sampling()
             kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                           enable_return_routed_experts=routing_replay)
             if kv_cache_memory_bytes is not None:

@@ -1,0 +1,88 @@
+"""vLLM's sampling of seeded requests, batched: one kernel draws every seeded row's noise.
+
+Why: k2rl seeds every rollout request, so that a resumed run samples what the uninterrupted one did and
+a request samples the same whatever else shares its batch. vLLM (0.26) draws a seeded request's noise
+with that request's own torch.Generator, one `exponential_` per request and decoding step
+(`vllm.v1.sample.ops.topk_topp_sampler.random_sample`, which says "This can be slow"): 256 launches a
+step for 256 rollouts. Here each seeded row's Exp(1) noise is Philox keyed by the request's seed,
+counting the draws its generator has made (kept as the generator's own offset, as vLLM's draws do), all
+rows in one Triton kernel. The draws differ from stock vLLM's for the same seed; both promises hold.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_OFFSET_STEP = 4  # a CUDA generator's Philox offset moves in multiples of 4
+
+
+@functools.cache
+def _kernel():
+    """Built on first use, so that TRITON_INTERPRET (the CPU tests) is read when it is set."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def exponential_rows(q_ptr, q_stride, rows_ptr, seeds_ptr, draws_ptr, columns, BLOCK: tl.constexpr):
+        i = tl.program_id(0)
+        row = tl.load(rows_ptr + i)
+        seed = tl.load(seeds_ptr + i)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        counter = tl.zeros_like(cols) + tl.load(draws_ptr + i).to(tl.int32)
+        bits, _, _, _ = tl.philox(seed, cols, counter, tl.zeros_like(cols), tl.zeros_like(cols))
+        uniform = tl.maximum(tl.uint_to_uniform_float(bits), 4.6566127342e-10)  # its least above 0: -log stays finite
+        tl.store(q_ptr + row * q_stride + cols, -tl.log(uniform), mask=cols < columns)
+
+    return exponential_rows
+
+
+def exponential_rows(q: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor, draws: torch.Tensor,
+                     block: int = 4096) -> None:
+    """Fill q[rows[i]] (q: float32 [R, C], contiguous rows) with Exp(1) noise that depends on
+    (seeds[i], draws[i]) and the column alone; the other rows are left as they are."""
+    if q.dtype != torch.float32 or q.stride(1) != 1:
+        raise ValueError(f"exponential_rows fills float32 rows of unit stride, got {q.dtype} {tuple(q.stride())}")
+    if len(rows):
+        _kernel()[(len(rows), -(-q.shape[1] // block))](q, q.stride(0), rows, seeds, draws, q.shape[1], BLOCK=block)
+
+
+def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
+                         use_fp64_gumbel: bool = False) -> torch.Tensor:
+    """vLLM's `random_sample` (exponential-race sampling of each row of `probs`), with the rows that
+    have a generator drawn in one kernel; each such generator's offset moves on by one draw."""
+    from vllm.v1.sample.ops import topk_topp_sampler as stock
+
+    if not generators or use_fp64_gumbel or probs.dtype != torch.float32:
+        return _STOCK_RANDOM_SAMPLE(probs, generators, use_fp64_gumbel)
+    q = torch.empty_like(probs)
+    if len(generators) != probs.shape[0]:
+        q.exponential_()
+    rows, seeds, draws = [], [], []
+    for row, generator in generators.items():
+        offset = generator.get_offset()
+        rows.append(row)
+        seeds.append(_signed64(generator.initial_seed()))
+        draws.append(offset // _OFFSET_STEP)
+        generator.set_offset(offset + _OFFSET_STEP)
+    table = torch.tensor([rows, seeds, draws], dtype=torch.int64).pin_memory().to(probs.device, non_blocking=True)
+    exponential_rows(q, table[0], table[1], table[2])
+    return stock.sample_with_exponential_noise(probs, q)
+
+
+def _signed64(seed: int) -> int:
+    """A generator's seed (uint64) as the int64 with the same bits."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+_STOCK_RANDOM_SAMPLE = None
+
+
+def patch_seeded_sampling() -> None:
+    """Route vLLM's GPU sampler through `seeded_random_sample` (in this process; the engine runs in it)."""
+    global _STOCK_RANDOM_SAMPLE
+    from vllm.v1.sample.ops import topk_topp_sampler as stock
+
+    if _STOCK_RANDOM_SAMPLE is None:
+        _STOCK_RANDOM_SAMPLE = stock.random_sample
+        stock.random_sample = seeded_random_sample

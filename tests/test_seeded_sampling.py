@@ -1,0 +1,68 @@
+"""Batched seeded sampling (k2rl.engines.seeded_sampling): each seeded row's noise depends on its seed
+and draw count alone, is Exp(1), and a row sampled in a batch is the row sampled alone. The kernel runs
+in Triton's interpreter on the CPU; vLLM's sampler with CUDA generators runs on the GPU."""
+import math
+
+import pytest
+import torch
+
+from k2rl.engines import seeded_sampling
+from k2rl.engines.seeded_sampling import exponential_rows
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture
+def device(monkeypatch):
+    if not ON_GPU:  # the same kernel, interpreted
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        seeded_sampling._kernel.cache_clear()
+    yield "cuda" if ON_GPU else "cpu"
+    seeded_sampling._kernel.cache_clear()
+
+
+def fill(device, rows, seeds, draws, shape=(4, 5000)):
+    q = torch.full(shape, -1.0, device=device)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    exponential_rows(q, as_tensor(rows), as_tensor(seeds), as_tensor(draws))
+    return q.cpu()
+
+
+def test_a_rows_noise_depends_on_its_seed_and_draw_alone(device):
+    q = fill(device, rows=[2, 0], seeds=[7, -(1 << 62)], draws=[0, 3])
+    assert (q[[1, 3]] == -1).all()  # rows without a seed are left alone
+    alone = fill(device, rows=[3], seeds=[7], draws=[0])
+    assert torch.equal(alone[3], q[2])  # the same (seed, draw) in another row and batch
+    assert not torch.equal(fill(device, rows=[3], seeds=[7], draws=[1])[3], q[2])  # the next draw
+    assert not torch.equal(fill(device, rows=[3], seeds=[8], draws=[0])[3], q[2])  # another seed
+    assert not torch.equal(fill(device, rows=[3], seeds=[7 + (1 << 40)], draws=[0])[3], q[2])  # all 64 bits count
+
+
+def test_the_noise_is_exponential(device):
+    q = fill(device, rows=[0, 1, 2, 3], seeds=[1, 2, 3, 4], draws=[0, 0, 0, 0], shape=(4, 20000)).flatten()
+    assert torch.isfinite(q).all() and (q >= 0).all()
+    assert abs(q.mean().item() - 1) < 0.02 and abs(q.var().item() - 1) < 0.05
+    assert abs((q < math.log(2)).float().mean().item() - 0.5) < 0.01  # the median of Exp(1)
+
+
+def test_rows_must_be_float32():
+    with pytest.raises(ValueError, match="float32"):
+        exponential_rows(torch.zeros(2, 8, dtype=torch.float64), *[torch.zeros(1, dtype=torch.int64)] * 3)
+
+
+@pytest.mark.gpu
+def test_vllm_samples_a_seeded_row_alike_in_any_batch_and_by_its_probabilities():
+    def generator(seed):
+        return torch.Generator(device="cuda").manual_seed(seed)
+
+    probs = torch.softmax(3 * torch.randn(6, 1000, device="cuda", generator=generator(0)), dim=-1)
+    batch = seeded_sampling.seeded_random_sample(probs.clone(), {1: generator(11), 4: generator(12)})
+    alone = seeded_sampling.seeded_random_sample(probs[4:5].clone(), {0: generator(12)})
+    assert batch[4] == alone[0]
+    gen = generator(11)
+    draws = [seeded_sampling.seeded_random_sample(probs[1:2].clone(), {0: gen}).item() for _ in range(4000)]
+    assert gen.get_offset() == 4000 * 4  # every draw moved the generator on
+    assert draws[0] == batch[1]  # the first draw of seed 11 is the batch's
+    top = probs[1].topk(3).indices.tolist()
+    for token in top:  # each likely token about as often as its probability says
+        assert abs(draws.count(token) / 4000 - probs[1, token].item()) < 4 * math.sqrt(probs[1, token].item() / 4000) + 1e-3
