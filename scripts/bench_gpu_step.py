@@ -398,9 +398,10 @@ def main() -> None:
 
 
 def vllm_start_lines(log: str) -> list[str]:
-    """vLLM's own account of its start (weights, compile, profiling run, graph capture, engine init)."""
-    return [line.split("] ", 1)[-1] for line in log.splitlines()
-            if any(key in line for key in ("took", "Compiling a graph", "Graph capturing"))]
+    """vLLM's own account of its start (weights, compile, profiling run, graph capture, engine init,
+    the KV cache it got: a smaller one runs fewer sequences at once)."""
+    keys = ("took", "Compiling a graph", "Graph capturing", "KV cache size", "Maximum concurrency")
+    return [line.split("] ", 1)[-1] for line in log.splitlines() if any(key in line for key in keys)]
 
 
 def profile_sync(worker) -> None:
