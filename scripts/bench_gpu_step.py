@@ -2,9 +2,10 @@
 
 - rollout: the Worker's vLLM (sleep mode, weights reloaded from the trainer) vs a standalone vLLM
   `LLM` as a user would start it (the engine's dtype, lengths, memory and CUDA graphs; no sleep mode,
-  no routing replay) and vs the RolloutEngine alone (with `--replay-baseline` and routing
-  replay on, also alone without replay), on the same prompts and sampling: tokens/s, each baseline in
-  a process of its own beside the Worker, their generates taking turns;
+  no routing replay; requests unseeded, vLLM's fastest sampling) and vs the RolloutEngine alone (with
+  `--replay-baseline` and routing replay on, also alone without replay), on the same prompts and
+  sampling: tokens/s, each baseline in a process of its own beside the Worker, their generates
+  taking turns;
 - train: the Worker's trainer (DeepSpeed, MuonClip, fp32 master + bf16 autocast) vs plain
   transformers with grouped_mm experts (bf16, fused AdamW), on the same batch, with the config's
   gradient checkpointing and (when that is on) again without: tokens/s and MFU
@@ -130,18 +131,20 @@ ENGINE_SETTINGS = {
     "routing_replay": dict(enable_return_routed_experts=True),
     "structured_outputs": dict(structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True}),
 }
-# ... and what the engine's requests carry that a user's need not: a seed each (k2rl seeds every
-# rollout request, so that a resumed run samples what the uninterrupted one did). vLLM samples a
-# seeded request's noise apart from the batch, one kernel per request and step.
-SAMPLING_SETTINGS = {"unseeded": dict(seed=None)}
+# ... and how the engine's requests differ from a user's, which plain vLLM sends unseeded: a seed each
+# (`seeded`; k2rl seeds every rollout request, so that a resumed run samples what the uninterrupted one
+# did, and stock vLLM samples a seeded request's noise apart from the batch, one kernel per request
+# and step), and logprobs as a few lists per request instead of a dict and an object per token
+SAMPLING_SETTINGS = {"seeded": {}, "flat_logprobs": dict(flat_logprobs=True)}
 # ... and what the engine patches into vLLM: seeded requests' noise in one kernel (k2rl.engines.seeded_sampling)
 PATCH_SETTINGS = {"batched_seeds": patch_seeded_sampling}
+SEEDED_SETTINGS = ("seeded", "batched_seeds")
 
 
 def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
     """A baseline engine, warmed up; returns a function that generates on `prompts` and counts the tokens.
-    Plain vLLM, as a user would start it, with the rollout engine's lengths, memory and CUDA graphs (and
-    one of `ENGINE_SETTINGS` or `SAMPLING_SETTINGS` where `setting` names it); or the project's
+    Plain vLLM, as a user would start it and send requests (unseeded), with the rollout engine's lengths,
+    memory and CUDA graphs (and one of the settings above where `setting` names it); or the project's
     RolloutEngine alone (sleep mode, structured-output backend, routing replay; no trainer beside it),
     which tells the engine's settings apart from the colocation."""
     from vllm import LLM, SamplingParams
@@ -170,7 +173,7 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
         kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     llm = LLM(**kwargs)
     params = [SamplingParams(temperature=sampling.temperature, max_tokens=budget, logprobs=0, detokenize=False,
-                             **{"seed": seed, **SAMPLING_SETTINGS.get(setting, {})})
+                             seed=seed if setting in SEEDED_SETTINGS else None, **SAMPLING_SETTINGS.get(setting, {}))
               for budget, seed in sampling.per_prompt(len(prompts))]
     token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(token_prompts[:8], params[:8], use_tqdm=False)  # warm-up
@@ -190,9 +193,13 @@ def serve_standalone(generate) -> None:
 
 
 def kernel_profile(generate, top: int = 12) -> dict:
-    """One generate under torch's profiler: its wall seconds, the seconds and launches of its GPU kernels
-    (on a CPU: its operators' own time), and the `top` kernels by time. Where two engines' walls
-    differ but their kernels do not, the difference is host time between the kernels."""
+    """Two generates, one under torch's profiler: its wall seconds, the seconds and launches of its GPU
+    kernels (on a CPU: its operators' own time) and the `top` kernels by time; one under cProfile:
+    the `top` Python functions by own time ("host"). Where two engines' walls differ but their kernels
+    do not, the difference is host time between the kernels, and the host table says whose."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
@@ -200,8 +207,13 @@ def kernel_profile(generate, top: int = 12) -> dict:
     kind = torch.autograd.DeviceType.CUDA if ON_GPU else torch.autograd.DeviceType.CPU
     rows = sorted(((e.self_device_time_total if ON_GPU else e.self_cpu_time_total) / 1e6, e.count, e.key)
                   for e in prof.key_averages() if e.device_type == kind)[::-1]
+    host = cProfile.Profile()
+    host.runcall(timed, generate)
+    functions = sorted(((tottime, calls, f"{os.path.basename(file)}:{line}({name})")
+                        for (file, line, name), (_, calls, tottime, _, _) in pstats.Stats(host).stats.items()))[::-1]
     return {"wall_s": seconds, "kernel_s": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
-            "top": [[name, s, count] for s, count, name in rows[:top]]}
+            "top": [[name, s, count] for s, count, name in rows[:top]],
+            "host": [[name, s, count] for s, count, name in functions[:top]]}
 
 
 class StandaloneBaseline:
@@ -399,8 +411,9 @@ def main() -> None:
 
 def vllm_start_lines(log: str) -> list[str]:
     """vLLM's own account of its start (weights, compile, profiling run, graph capture, engine init,
-    the KV cache it got: a smaller one runs fewer sequences at once)."""
-    keys = ("took", "Compiling a graph", "Graph capturing", "KV cache size", "Maximum concurrency")
+    the KV cache it got: a smaller one runs fewer sequences at once; whether it schedules ahead)."""
+    keys = ("took", "Compiling a graph", "Graph capturing", "KV cache size", "Maximum concurrency",
+            "Asynchronous scheduling")
     return [line.split("] ", 1)[-1] for line in log.splitlines() if any(key in line for key in keys)]
 
 

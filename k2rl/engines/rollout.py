@@ -170,7 +170,7 @@ class RolloutEngine:
         structured = StructuredOutputsParams(json=sampling.json_schema) if sampling.json_schema else None
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=budget, stop_token_ids=list(sampling.stop_token_ids), seed=seed,
-                                 logprobs=0, detokenize=False, structured_outputs=structured)
+                                 logprobs=0, flat_logprobs=True, detokenize=False, structured_outputs=structured)
                   for budget, seed in sampling.per_prompt(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
         return [[_generation(c, self.moe_layers) for c in out.outputs] for out in outputs]
@@ -271,7 +271,12 @@ class _DropExpected(logging.Filter):
 
 def _generation(completion, moe_layers: list[int] | None) -> Generation:
     token_ids = list(completion.token_ids)
-    logprobs = [entry[tok].logprob for tok, entry in zip(token_ids, completion.logprobs)]
+    # Flat (vLLM's FlatLogprobs: a few lists per request, not a dict and a Logprob per token, which the
+    # host-bound decode loop pays for in garbage collection); with logprobs=0 the sampled token's alone
+    flat = completion.logprobs
+    if flat.token_ids != token_ids:
+        raise RuntimeError("vLLM returned logprobs for other tokens than it sampled")
+    logprobs = flat.logprobs
     routed = None
     if moe_layers is not None:  # vLLM's array is [positions, all decoder layers, top_k]
         routed = torch.from_numpy(completion.routed_experts[:, moe_layers].astype("int16"))
