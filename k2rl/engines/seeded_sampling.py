@@ -15,6 +15,7 @@ import functools
 import torch
 
 _OFFSET_STEP = 4  # a CUDA generator's Philox offset moves in multiples of 4
+_STOCK_RANDOM_SAMPLE = None  # vLLM's own, once `patch_seeded_sampling` has replaced it
 
 
 @functools.cache
@@ -54,7 +55,7 @@ def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Genera
     from vllm.v1.sample.ops import topk_topp_sampler as stock
 
     if not generators or use_fp64_gumbel or probs.dtype != torch.float32:
-        return _STOCK_RANDOM_SAMPLE(probs, generators, use_fp64_gumbel)
+        return (_STOCK_RANDOM_SAMPLE or stock.random_sample)(probs, generators, use_fp64_gumbel)
     q = torch.empty_like(probs)
     if len(generators) != probs.shape[0]:
         q.exponential_()
@@ -73,9 +74,6 @@ def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Genera
 def _signed64(seed: int) -> int:
     """A generator's seed (uint64) as the int64 with the same bits."""
     return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
-_STOCK_RANDOM_SAMPLE = None
 
 
 def patch_seeded_sampling() -> None:
