@@ -42,7 +42,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 import torch  # noqa: E402
 
-from k2rl.commands import set_arguments  # noqa: E402
+from k2rl.commands import add_set_argument, set_arguments  # noqa: E402
 from k2rl.engines.seeded_sampling import patch_seeded_sampling  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -100,7 +100,7 @@ def active_params(config) -> int:
 def job_config(args):
     from k2rl.config import load_config
 
-    overrides = [f"rollout.enforce_eager={str(args.eager).lower()}", *args.set]
+    overrides = [f"rollout.enforce_eager={str(args.eager).lower()}", *args.overrides]
     if not ON_GPU:
         overrides += ["model.dtype=float32", "rollout.kv_cache_memory_bytes=268435456", "rollout.max_model_len=1024",
                       "rollout.routing_replay=false"]
@@ -347,7 +347,7 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--preset", default=None, help="model preset (default: the config's)")
     ap.add_argument("--model-dir", default=None, help="an existing model directory of that preset (else one is built)")
     ap.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs (enforce_eager)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, as k2rl train --set")
+    add_set_argument(ap)
     return ap
 
 
@@ -370,7 +370,7 @@ def rollout_workload(args, vocab: int, gen: torch.Generator):
 def model_argv(args, model_dir) -> list[str]:
     """`model_arguments`' options as parsed, for a child process of a benchmark script."""
     argv = ["--model-dir", str(model_dir), "--config", args.config] + (["--eager"] if args.eager else [])
-    return argv + set_arguments(args.set)
+    return argv + set_arguments(args.overrides)
 
 
 def main() -> None:

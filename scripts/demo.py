@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from k2rl.commands import set_arguments
+from k2rl.commands import add_set_argument, set_arguments
 from k2rl.config import load_config
 from k2rl.env.kinds import task_type
 from k2rl.loop.run_dir import RunDir
@@ -143,8 +143,7 @@ def main() -> None:
     parser.add_argument("--rl-steps", type=int, default=None, help="default: the RL config's")
     parser.add_argument("--eval-tasks", type=int, default=200)
     parser.add_argument("--out", default="runs")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for both stages, e.g. schedule.keep_checkpoints=1 (repeatable)")
+    add_set_argument(parser, "schedule.keep_checkpoints=1, for both stages")
     parser.add_argument("--resume", action="store_true",
                         help="continue interrupted stages from their last checkpoint; keep finished ones")
     parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from k2rl.commands import add_set_argument
 from k2rl.config import load_config
 from k2rl.engines.train import TrainEngine
 from k2rl.engines.world import single_rank_world
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="the checkpoint the episodes were sampled from")
     parser.add_argument("--episodes", required=True, help="k2rl eval --samples K output of that checkpoint")
     parser.add_argument("--groups", type=int, default=16, help="mixed groups in the batch")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
     args = parser.parse_args()
     single_rank_world()
 

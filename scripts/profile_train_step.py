@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import k2rl.model.attention as attention  # noqa: E402
+from k2rl.commands import add_set_argument  # noqa: E402
 from k2rl.config import AlgorithmConfig, load_config  # noqa: E402
 from k2rl.engines.train import TrainEngine  # noqa: E402
 from k2rl.engines.types import TokenBatch  # noqa: E402
@@ -41,7 +42,7 @@ def seconds_per_call(fn, repeats: int = 3) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/k2-mini-1gpu.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_argument(parser)
     parser.add_argument("--seqs", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
     args = parser.parse_args()

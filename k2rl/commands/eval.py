@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from k2rl.commands import add_set_argument
 from k2rl.rollout.baselines import BASELINES
 
 NAME = "eval"
@@ -26,8 +27,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--env", help="built-in name, package.module:Class, path/to/file.py:Class or entry point "
                                       "(default: env.name of --config)")
     parser.add_argument("--config", help="job YAML: its env section and rollout settings are the defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set env.max_turns=4")
+    add_set_argument(parser, "env.max_turns=4")
     parser.add_argument("--tasks", type=int, help="number of tasks (default env.eval_tasks)")
     parser.add_argument("--task-file", help="JSONL/YAML tasks instead of the environment's own")
     parser.add_argument("--seed", type=int, help="task seed (default env.eval_seed)")

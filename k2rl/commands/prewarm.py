@@ -11,6 +11,7 @@ once per cluster on storage every node mounts.
 """
 from __future__ import annotations
 
+from k2rl.commands import add_set_argument
 from k2rl.validation import ValidationFailed
 
 NAME = "prewarm"
@@ -24,8 +25,7 @@ WARM_UP_MEMORY = {"kv_cache_memory_bytes": 256 << 20, "gpu_memory_utilization": 
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", help="the job YAML whose rollout engine to compile (its model and rollout sections)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, as for k2rl train (repeatable)")
+    add_set_argument(parser)
 
 
 def run(args) -> int:

@@ -1,14 +1,15 @@
 """k2rl train CONFIG [--set key=value ...] [--resume RUN_DIR]"""
 from __future__ import annotations
 
+from k2rl.commands import add_set_argument
+
 NAME = "train"
 HELP = "run an RL (or SFT) job from a YAML config on colocated vLLM + DeepSpeed workers"
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="job YAML (default: built-in defaults = configs/tiny-cpu.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set optimizer.lr=1e-3 (repeatable)")
+    add_set_argument(parser)
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue a run from its latest checkpoint (its config.yaml, plus --set overrides)")
 
