@@ -182,17 +182,17 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
 
 def serve_standalone(generate) -> None:
     """The baseline's process: per line on stdin one generate, timed ("go": its tokens/s) or profiled
-    ("profile": `kernel_profile`), answered as a JSON line."""
+    ("profile": `profile_generate`), answered as a JSON line."""
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() == "profile":
-            print(json.dumps({"profile": kernel_profile(generate)}), flush=True)
+            print(json.dumps({"profile": profile_generate(generate)}), flush=True)
             continue
         tokens, seconds = timed(generate)
         print(json.dumps({"tokens_per_s": tokens / seconds}), flush=True)
 
 
-def kernel_profile(generate, top: int = 12) -> dict:
+def profile_generate(generate, top: int = 12) -> dict:
     """Two generates, one under torch's profiler: its wall seconds, the seconds and launches of its GPU
     kernels (on a CPU: its operators' own time) and the `top` kernels by time; one under cProfile:
     the `top` Python functions by own time ("host"). Where two engines' walls differ but their kernels
@@ -240,7 +240,7 @@ class StandaloneBaseline:
         return self._ask("go", "tokens_per_s")
 
     def profile(self) -> dict:
-        """`kernel_profile` of one generate in that process."""
+        """`profile_generate` in that process."""
         return self._ask("profile", "profile")
 
     def _ask(self, command: str, key: str):

@@ -33,7 +33,7 @@ GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay", "batched_seeds")
 
 
 def compare_profiles(setting: str, plain: dict, other: dict) -> dict[str, float]:
-    """Print two `kernel_profile`s side by side (the top kernels, then the top host functions, of
+    """Print two `profile_generate`s side by side (the top kernels, then the top host functions, of
     either: seconds and calls in each); returns the setting's kernel and wall seconds as fractions of
     plain vLLM's."""
     tag = f"[{setting} profile]"
