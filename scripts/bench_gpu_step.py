@@ -138,7 +138,7 @@ ENGINE_SETTINGS = {
 SAMPLING_SETTINGS = {"seeded": {}, "flat_logprobs": dict(flat_logprobs=True)}
 # ... and what the engine patches into vLLM: seeded requests' noise in one kernel (k2rl.engines.seeded_sampling)
 PATCH_SETTINGS = {"batched_seeds": patch_seeded_sampling}
-SEEDED_SETTINGS = ("seeded", "batched_seeds")
+SEEDED_SETTINGS = ("seeded", *PATCH_SETTINGS)  # the patch is for seeded requests
 
 
 def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
@@ -188,8 +188,13 @@ def serve_standalone(generate) -> None:
         if line.strip() == "profile":
             print(json.dumps({"profile": profile_generate(generate)}), flush=True)
             continue
-        tokens, seconds = timed(generate)
-        print(json.dumps({"tokens_per_s": tokens / seconds}), flush=True)
+        print(json.dumps({"tokens_per_s": rate_of(generate)}), flush=True)
+
+
+def rate_of(generate) -> float:
+    """Tokens/s of one timed call of `generate` (which returns its token count)."""
+    tokens, seconds = timed(generate)
+    return tokens / seconds
 
 
 def profile_generate(generate, top: int = 12) -> dict:
@@ -382,7 +387,8 @@ def main() -> None:
                     help="a third rollout baseline, the engine alone without routing replay: what replay costs "
                          "(one more vLLM start, at the end of the run)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
-    ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS), help=argparse.SUPPRESS)  # ... with one
+    ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),
+                    help=argparse.SUPPRESS)  # ... with one
     args = ap.parse_args()
 
     from k2rl.engines.types import TokenBatch
@@ -450,14 +456,10 @@ REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_r
 
 def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> None:
     """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`)."""
-    def worker_rate():
-        tokens, seconds = timed(worker_generate)
-        return tokens / seconds
-
     for kind, name, overrides in baselines:
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
-            out.update(paired_rates(baseline.tokens_per_s, worker_rate, (
+            out.update(paired_rates(baseline.tokens_per_s, lambda: rate_of(worker_generate), (
                 f"baseline/{name}_tokens_per_s", f"rollout/tokens_per_s_beside_{name}", f"rollout/vs_{name}")))
         finally:
             for line in baseline.close():
