@@ -199,15 +199,18 @@ def rate_of(generate) -> float:
 
 def profile_generate(generate, top: int = 12) -> dict:
     """Two generates, one under torch's profiler: its wall seconds, the seconds and launches of its GPU
-    kernels (on a CPU: its operators' own time) and the `top` kernels by time; one under cProfile:
-    the `top` Python functions by own time ("host"). Where two engines' walls differ but their kernels
-    do not, the difference is host time between the kernels, and the host table says whose."""
+    kernels (on a CPU: its operators' own time) and the `top` kernels by time, with the seconds Python's
+    garbage collector ran, its full collections and the objects it tracks (a trainer in the process adds
+    its own); one under cProfile: the `top` Python functions by own time ("host"). Where two engines'
+    walls differ but their kernels do not, the difference is host time between the kernels, and the host
+    table says whose."""
     import cProfile
     import pstats
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
+    collector = GarbageCollectorTime()
+    with collector, profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
         _, seconds = timed(generate)
     kind = torch.autograd.DeviceType.CUDA if ON_GPU else torch.autograd.DeviceType.CPU
     rows = sorted(((e.self_device_time_total if ON_GPU else e.self_cpu_time_total) / 1e6, e.count, e.key)
@@ -217,8 +220,57 @@ def profile_generate(generate, top: int = 12) -> dict:
     functions = sorted(((tottime, calls, f"{os.path.basename(file)}:{line}({name})")
                         for (file, line, name), (_, calls, tottime, _, _) in pstats.Stats(host).stats.items()))[::-1]
     return {"wall_s": seconds, "kernel_s": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
+            "gc_s": collector.seconds, "gc_full_collections": collector.full, "gc_objects": len(gc.get_objects()),
             "top": [[name, s, count] for s, count, name in rows[:top]],
             "host": [[name, s, count] for s, count, name in functions[:top]]}
+
+
+class GarbageCollectorTime:
+    """Within it: the seconds Python's garbage collector ran and its full (generation 2) collections,
+    from gc.callbacks. A host-bound loop pays for every collection; a full one walks every object the
+    process tracks."""
+
+    def __init__(self):
+        self.seconds, self.full, self._start = 0.0, 0, 0.0
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._start
+        self.full += info["generation"] == 2
+
+    def __enter__(self):
+        gc.callbacks.append(self._on_collection)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._on_collection)
+
+
+def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> dict[str, float]:
+    """Print two `profile_generate`s side by side (the top kernels, then the top host functions, of
+    either: seconds and calls in each); returns `label`'s wall and kernel seconds, launches and garbage
+    collector seconds as fractions of `first`'s."""
+    tag = f"[{label} profile]"
+    print(f"{tag} {'kernel':<70} {first_name + ' s':>10} {'n':>7} {label + ' s':>10} {'n':>7}")
+    for name, key in (("wall", "wall_s"), ("all kernels", "kernel_s"), ("garbage collector", "gc_s"),
+                      ("full collections", "gc_full_collections"), ("objects tracked", "gc_objects")):
+        print(f"{tag} {name:<70} {first[key]:>10.3f} {'':>7} {other[key]:>10.3f}")
+    for table in ("top", "host"):
+        if table == "host":
+            print(f"{tag} {'host function (own time, under cProfile)':<70}")
+        rows = {name: {} for name, _, _ in first[table] + other[table]}
+        for which, profile in (("first", first), ("other", other)):
+            for name, seconds, count in profile[table]:
+                rows[name][which] = (seconds, count)
+        for name, cells in rows.items():
+            (fs, fn), (os_, on) = cells.get("first", (0.0, 0)), cells.get("other", (0.0, 0))
+            print(f"{tag} {name[:70]:<70} {fs:>10.3f} {fn:>7} {os_:>10.3f} {on:>7}")
+    return {f"{label}/profiled_wall_vs_{first_name}": other["wall_s"] / first["wall_s"],
+            f"{label}/kernel_s_vs_{first_name}": other["kernel_s"] / first["kernel_s"],
+            f"{label}/launches_vs_{first_name}": other["launches"] / first["launches"],
+            f"{label}/gc_s": other["gc_s"], f"{label}/{first_name}_gc_s": first["gc_s"]}
 
 
 class StandaloneBaseline:
@@ -386,6 +438,9 @@ def main() -> None:
     ap.add_argument("--replay-baseline", action="store_true",
                     help="a third rollout baseline, the engine alone without routing replay: what replay costs "
                          "(one more vLLM start, at the end of the run)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each rollout baseline's pairs, one generate of it and of the Worker under torch's "
+                         "profiler and cProfile, side by side (kernels, garbage collector, host functions)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),
                     help=argparse.SUPPRESS)  # ... with one
@@ -455,12 +510,15 @@ REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_r
 
 
 def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> None:
-    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`)."""
+    """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`); with
+    `--profile`, then one generate of each profiled, side by side (`compare_profiles`)."""
     for kind, name, overrides in baselines:
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
             out.update(paired_rates(baseline.tokens_per_s, lambda: rate_of(worker_generate), (
                 f"baseline/{name}_tokens_per_s", f"rollout/tokens_per_s_beside_{name}", f"rollout/vs_{name}")))
+            if args.profile:
+                out.update(compare_profiles("worker", name, baseline.profile(), profile_generate(worker_generate)))
         finally:
             for line in baseline.close():
                 print(f"[{name} start] {line}", flush=True)

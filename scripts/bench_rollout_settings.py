@@ -26,33 +26,10 @@ from __future__ import annotations
 import tempfile
 
 from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, PAIRED_REPEATS, PATCH_SETTINGS, SAMPLING_SETTINGS,
-                            StandaloneBaseline, job_config, model_arguments, paired_rates, print_figures,
-                            rollout_arguments)
+                            StandaloneBaseline, compare_profiles, job_config, model_arguments, paired_rates,
+                            print_figures, rollout_arguments)
 
 GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay", "batched_seeds")
-
-
-def compare_profiles(setting: str, plain: dict, other: dict) -> dict[str, float]:
-    """Print two `profile_generate`s side by side (the top kernels, then the top host functions, of
-    either: seconds and calls in each); returns the setting's kernel and wall seconds as fractions of
-    plain vLLM's."""
-    tag = f"[{setting} profile]"
-    print(f"{tag} {'kernel':<70} {'plain s':>8} {'n':>7} {setting + ' s':>10} {'n':>7}")
-    for label, key in (("wall", "wall_s"), ("all kernels", "kernel_s")):
-        print(f"{tag} {label:<70} {plain[key]:>8.3f} {'':>7} {other[key]:>10.3f}")
-    for table in ("top", "host"):
-        if table == "host":
-            print(f"{tag} {'host function (own time, under cProfile)':<70}")
-        rows = {name: {} for name, _, _ in plain[table] + other[table]}
-        for which, profile in (("plain", plain), ("other", other)):
-            for name, seconds, count in profile[table]:
-                rows[name][which] = (seconds, count)
-        for name, cells in rows.items():
-            (ps, pn), (os_, on) = cells.get("plain", (0.0, 0)), cells.get("other", (0.0, 0))
-            print(f"{tag} {name[:70]:<70} {ps:>8.3f} {pn:>7} {os_:>10.3f} {on:>7}")
-    return {f"{setting}/profiled_wall_vs_plain": other["wall_s"] / plain["wall_s"],
-            f"{setting}/kernel_s_vs_plain": other["kernel_s"] / plain["kernel_s"],
-            f"{setting}/launches_vs_plain": other["launches"] / plain["launches"]}
 
 
 def main() -> None:
@@ -87,7 +64,7 @@ def main() -> None:
                     f"{setting}/plain_vllm_tokens_per_s", f"{setting}/tokens_per_s", f"{setting}/vs_plain_vllm"),
                     args.repeats))
                 if args.profile:
-                    out.update(compare_profiles(setting, plain.profile(), other.profile()))
+                    out.update(compare_profiles(setting, "plain", plain.profile(), other.profile()))
             finally:
                 for line in other.close():
                     print(f"[{setting} start] {line}", flush=True)
