@@ -16,9 +16,12 @@
 - sync: trainer -> vLLM GB/s vs a device copy of the same bytes;
 - sleep / wake / offload / reload times and GPU memory in each phase (second round trip: the first
   offload pins host memory);
-- the vLLM-trainer logprob gap on the sampled tokens, before and after a train step + sync.
+- the vLLM-trainer logprob gap on the sampled tokens, before and after a train step + sync;
+- with `--profile`, where the Worker's generate and each rollout baseline's spend their time, side by
+  side: GPU kernels, launches, the garbage collector, the top host functions.
 
-    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--replay-baseline] [--set KEY=VALUE] [--json OUT.json]
+    python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--replay-baseline] [--profile]
+                                     [--set KEY=VALUE] [--json OUT.json]
 
 A SIGTERM (a device call's time limit) still prints, and writes, the figures measured so far.
 
