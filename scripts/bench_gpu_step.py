@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import NoReturn
 
@@ -200,13 +201,13 @@ def rate_of(generate) -> float:
     return tokens / seconds
 
 
-def profile_generate(generate, top: int = 12) -> dict:
+def profile_generate(generate, top: int = 16) -> dict:
     """Two generates, one under torch's profiler: its wall seconds, the seconds and launches of its GPU
     kernels (on a CPU: its operators' own time) and the `top` kernels by time, with the seconds Python's
     garbage collector ran, its full collections and the objects it tracks (a trainer in the process adds
-    its own); one under cProfile: the `top` Python functions by own time ("host"). Where two engines'
-    walls differ but their kernels do not, the difference is host time between the kernels, and the host
-    table says whose."""
+    its own), and the process's Python threads and torch's CPU threads; one under cProfile: the `top`
+    Python functions by own time ("host"). Where two engines' walls differ but their kernels do not,
+    the difference is host time between the kernels, and the host table says whose."""
     import cProfile
     import pstats
 
@@ -224,6 +225,7 @@ def profile_generate(generate, top: int = 12) -> dict:
                         for (file, line, name), (_, calls, tottime, _, _) in pstats.Stats(host).stats.items()))[::-1]
     return {"wall_s": seconds, "kernel_s": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
             "gc_s": collector.seconds, "gc_full_collections": collector.full, "gc_objects": len(gc.get_objects()),
+            "python_threads": threading.active_count(), "torch_threads": torch.get_num_threads(),
             "top": [[name, s, count] for s, count, name in rows[:top]],
             "host": [[name, s, count] for s, count, name in functions[:top]]}
 
@@ -258,7 +260,8 @@ def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> d
     tag = f"[{label} profile]"
     print(f"{tag} {'kernel':<70} {first_name + ' s':>10} {'n':>7} {label + ' s':>10} {'n':>7}")
     for name, key in (("wall", "wall_s"), ("all kernels", "kernel_s"), ("garbage collector", "gc_s"),
-                      ("full collections", "gc_full_collections"), ("objects tracked", "gc_objects")):
+                      ("full collections", "gc_full_collections"), ("objects tracked", "gc_objects"),
+                      ("Python threads", "python_threads"), ("torch CPU threads", "torch_threads")):
         print(f"{tag} {name:<70} {first[key]:>10.3f} {'':>7} {other[key]:>10.3f}")
     for table in ("top", "host"):
         if table == "host":
