@@ -276,7 +276,7 @@ def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> d
     return {f"{label}/profiled_wall_vs_{first_name}": other["wall_s"] / first["wall_s"],
             f"{label}/kernel_s_vs_{first_name}": other["kernel_s"] / first["kernel_s"],
             f"{label}/launches_vs_{first_name}": other["launches"] / first["launches"],
-            f"{label}/gc_s": other["gc_s"], f"{label}/{first_name}_gc_s": first["gc_s"]}
+            f"{label}/gc_s_beside_{first_name}": other["gc_s"], f"{label}/{first_name}_gc_s": first["gc_s"]}
 
 
 class StandaloneBaseline:
