@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -205,29 +206,62 @@ def profile_generate(generate, top: int = 16) -> dict:
     """Two generates, one under torch's profiler: its wall seconds, the seconds and launches of its GPU
     kernels (on a CPU: its operators' own time) and the `top` kernels by time, with the seconds Python's
     garbage collector ran, its full collections and the objects it tracks (a trainer in the process adds
-    its own), and the process's Python threads and torch's CPU threads; one under cProfile: the `top`
-    Python functions by own time ("host"). Where two engines' walls differ but their kernels do not,
-    the difference is host time between the kernels, and the host table says whose."""
+    its own), the process's Python threads and torch's CPU threads, its CPU seconds and involuntary
+    context switches, and the CPU seconds of each of its threads by name ("threads": one busy beside
+    the loop); one under cProfile: its wall, the own time of all functions and the `top` of them
+    ("host"). Where two engines' walls differ but their kernels do not, the difference is host time
+    between the kernels: the host table says whose, or, where the functions' own times agree too, that
+    the loop waited (on the GPU, or for a core: the threads table)."""
     import cProfile
     import pstats
 
     from torch.profiler import ProfilerActivity, profile
 
     collector = GarbageCollectorTime()
+    threads_before, usage_before = thread_cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
     with collector, profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
         _, seconds = timed(generate)
+    threads_after, usage_after = thread_cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    thread_cpu: dict[str, list] = {}  # by thread name, the threads of one pool added up: [seconds, threads]
+    for tid, (name, cpu) in threads_after.items():
+        seconds_and_count = thread_cpu.setdefault(name, [0.0, 0])
+        seconds_and_count[0] += cpu - threads_before.get(tid, (name, 0.0))[1]
+        seconds_and_count[1] += 1
     kind = torch.autograd.DeviceType.CUDA if ON_GPU else torch.autograd.DeviceType.CPU
     rows = sorted(((e.self_device_time_total if ON_GPU else e.self_cpu_time_total) / 1e6, e.count, e.key)
                   for e in prof.key_averages() if e.device_type == kind)[::-1]
     host = cProfile.Profile()
-    host.runcall(timed, generate)
+    _, host_wall = host.runcall(timed, generate)
     functions = sorted(((tottime, calls, f"{os.path.basename(file)}:{line}({name})")
                         for (file, line, name), (_, calls, tottime, _, _) in pstats.Stats(host).stats.items()))[::-1]
+    busiest = sorted(((cpu, count, name) for name, (cpu, count) in thread_cpu.items()), reverse=True)
     return {"wall_s": seconds, "kernel_s": sum(r[0] for r in rows), "launches": sum(r[1] for r in rows),
             "gc_s": collector.seconds, "gc_full_collections": collector.full, "gc_objects": len(gc.get_objects()),
             "python_threads": threading.active_count(), "torch_threads": torch.get_num_threads(),
+            "process_cpu_s": (usage_after.ru_utime + usage_after.ru_stime - usage_before.ru_utime - usage_before.ru_stime),
+            "involuntary_switches": usage_after.ru_nivcsw - usage_before.ru_nivcsw,
+            "cpus_allowed": len(os.sched_getaffinity(0)), "cprofile_wall_s": host_wall,
+            "cprofile_own_s": sum(f[0] for f in functions),
             "top": [[name, s, count] for s, count, name in rows[:top]],
-            "host": [[name, s, count] for s, count, name in functions[:top]]}
+            "host": [[name, s, count] for s, count, name in functions[:top]],
+            "threads": [[name, cpu, count] for cpu, count, name in busiest[:top]]}
+
+
+def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Each of this process's threads (native ones too: NCCL's watchdog, OpenMP's pool): its name and
+    the CPU seconds it has used, from /proc. A thread busy beside a host-bound loop takes its core."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    threads = {}
+    for task in os.scandir("/proc/self/task"):
+        try:
+            with open(f"{task.path}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"{task.path}/comm") as f:
+                name = f.read().strip()
+        except OSError:  # it ended meanwhile
+            continue
+        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+    return threads
 
 
 class GarbageCollectorTime:
@@ -262,11 +296,15 @@ def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> d
     print(f"{tag} {'kernel':<70} {first_name + ' s':>10} {'n':>7} {label + ' s':>10} {'n':>7}")
     for name, key in (("wall", "wall_s"), ("all kernels", "kernel_s"), ("garbage collector", "gc_s"),
                       ("full collections", "gc_full_collections"), ("objects tracked", "gc_objects"),
-                      ("Python threads", "python_threads"), ("torch CPU threads", "torch_threads")):
+                      ("Python threads", "python_threads"), ("torch CPU threads", "torch_threads"),
+                      ("process CPU seconds", "process_cpu_s"), ("involuntary context switches", "involuntary_switches"),
+                      ("CPUs allowed", "cpus_allowed"), ("wall under cProfile", "cprofile_wall_s"),
+                      ("own time of all functions under cProfile", "cprofile_own_s")):
         print(f"{tag} {name:<70} {first[key]:>10.3f} {'':>7} {other[key]:>10.3f}")
-    for table in ("top", "host"):
-        if table == "host":
-            print(f"{tag} {'host function (own time, under cProfile)':<70}")
+    for table, title in (("top", None), ("host", "host function (own time, under cProfile)"),
+                         ("threads", "thread (CPU seconds in the profiled generate)")):
+        if title:
+            print(f"{tag} {title:<70}")
         rows = {name: {} for name, _, _ in first[table] + other[table]}
         for which, profile in (("first", first), ("other", other)):
             for name, seconds, count in profile[table]:
@@ -448,6 +486,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="after each rollout baseline's pairs, one generate of it and of the Worker under torch's "
                          "profiler and cProfile, side by side (kernels, garbage collector, host functions)")
+    ap.add_argument("--colocation-only", action="store_true",
+                    help="only the Worker's rollout before any switch against the engine alone (with --profile: "
+                         "what colocation costs, in a few minutes)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),
                     help=argparse.SUPPRESS)  # ... with one
@@ -512,6 +553,7 @@ def print_figures(out: dict, json_path: str | None) -> None:
 
 
 ROLLOUT_BASELINES = (("vllm", "standalone_vllm", ()), ("engine", "engine_alone", ()))
+COLOCATION_BASELINE = ROLLOUT_BASELINES[1:]  # `--colocation-only`: before any switch, the engine alone only
 # The engine alone without routing replay: what replay costs (`--replay-baseline`, last: optional)
 REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_replay=false",)),)
 
@@ -550,6 +592,9 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
 
     worker.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
     first, out["rollout/tokens_per_s"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
+    if args.colocation_only:
+        worker_generate = lambda: engine_tokens(worker.generate(prompts, sampling))  # noqa: E731
+        return compare_rollout(args, model_dir, worker_generate, out, COLOCATION_BASELINE)
 
     for round_trip in range(2):  # the second is the steady state
         worker.to_train()
