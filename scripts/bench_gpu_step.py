@@ -209,9 +209,10 @@ def profile_generate(generate, top: int = 16) -> dict:
     its own), the process's Python threads and torch's CPU threads, its CPU seconds and involuntary
     context switches, and the CPU seconds of each of its threads by name ("threads": one busy beside
     the loop); one under cProfile: its wall, the own time of all functions and the `top` of them
-    ("host"). Where two engines' walls differ but their kernels do not, the difference is host time
-    between the kernels: the host table says whose, or, where the functions' own times agree too, that
-    the loop waited (on the GPU, or for a core: the threads table)."""
+    ("host"). Also the host's calls into CUDA by own CPU time ("runtime") and where each Python thread
+    is. Where two engines' walls differ but their kernels do not, the difference is host time between
+    the kernels: the host table says whose, or, where the functions' own times agree too, that the
+    loop waited: on the GPU or in the driver (the runtime table), or for a core or the GIL (threads)."""
     import cProfile
     import pstats
 
@@ -222,14 +223,20 @@ def profile_generate(generate, top: int = 16) -> dict:
     with collector, profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])) as prof:
         _, seconds = timed(generate)
     threads_after, usage_after = thread_cpu_seconds(), resource.getrusage(resource.RUSAGE_SELF)
+    places = python_thread_places()
     thread_cpu: dict[str, list] = {}  # by thread name, the threads of one pool added up: [seconds, threads]
     for tid, (name, cpu) in threads_after.items():
         seconds_and_count = thread_cpu.setdefault(name, [0.0, 0])
         seconds_and_count[0] += cpu - threads_before.get(tid, (name, 0.0))[1]
         seconds_and_count[1] += 1
     kind = torch.autograd.DeviceType.CUDA if ON_GPU else torch.autograd.DeviceType.CPU
+    events = prof.key_averages()
     rows = sorted(((e.self_device_time_total if ON_GPU else e.self_cpu_time_total) / 1e6, e.count, e.key)
-                  for e in prof.key_averages() if e.device_type == kind)[::-1]
+                  for e in events if e.device_type == kind)[::-1]
+    # the host's calls into CUDA (launches, graph launches, copies, synchronizations): where a loop that
+    # does the same work waits longer, on the GPU (a synchronization) or in the driver (a launch)
+    runtime = sorted((e.self_cpu_time_total / 1e6, e.count, e.key) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("cu"))[::-1]
     host = cProfile.Profile()
     _, host_wall = host.runcall(timed, generate)
     functions = sorted(((tottime, calls, f"{os.path.basename(file)}:{line}({name})")
@@ -244,7 +251,21 @@ def profile_generate(generate, top: int = 16) -> dict:
             "cprofile_own_s": sum(f[0] for f in functions),
             "top": [[name, s, count] for s, count, name in rows[:top]],
             "host": [[name, s, count] for s, count, name in functions[:top]],
-            "threads": [[name, cpu, count] for cpu, count, name in busiest[:top]]}
+            "threads": [[name, cpu, count] for cpu, count, name in busiest[:top]],
+            "runtime": [[name, s, count] for s, count, name in runtime[:top]], "python_thread_places": places}
+
+
+def python_thread_places() -> list[str]:
+    """Each Python thread's name and the function it is in now (a thread that runs Python beside the
+    loop takes the GIL from it)."""
+    frames = sys._current_frames()
+    places = []
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident)
+        code = frame.f_code if frame else None
+        where = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}({code.co_name})" if code else "?"
+        places.append(f"{thread.name}: {where}")
+    return places
 
 
 def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -301,7 +322,8 @@ def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> d
                       ("CPUs allowed", "cpus_allowed"), ("wall under cProfile", "cprofile_wall_s"),
                       ("own time of all functions under cProfile", "cprofile_own_s")):
         print(f"{tag} {name:<70} {first[key]:>10.3f} {'':>7} {other[key]:>10.3f}")
-    for table, title in (("top", None), ("host", "host function (own time, under cProfile)"),
+    for table, title in (("top", None), ("runtime", "CUDA call from the host (own CPU time, under torch's profiler)"),
+                         ("host", "host function (own time, under cProfile)"),
                          ("threads", "thread (CPU seconds in the profiled generate)")):
         if title:
             print(f"{tag} {title:<70}")
@@ -312,6 +334,8 @@ def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> d
         for name, cells in rows.items():
             (fs, fn), (os_, on) = cells.get("first", (0.0, 0)), cells.get("other", (0.0, 0))
             print(f"{tag} {name[:70]:<70} {fs:>10.3f} {fn:>7} {os_:>10.3f} {on:>7}")
+    for name, profile in ((first_name, first), (label, other)):
+        print(f"{tag} Python threads of {name}: {'; '.join(profile['python_thread_places'])}")
     return {f"{label}/profiled_wall_vs_{first_name}": other["wall_s"] / first["wall_s"],
             f"{label}/kernel_s_vs_{first_name}": other["kernel_s"] / first["kernel_s"],
             f"{label}/launches_vs_{first_name}": other["launches"] / first["launches"],
