@@ -18,10 +18,12 @@
   offload pins host memory);
 - the vLLM-trainer logprob gap on the sampled tokens, before and after a train step + sync;
 - with `--profile`, where the Worker's generate and each rollout baseline's spend their time, side by
-  side: GPU kernels, launches, the garbage collector, the top host functions.
+  side: GPU kernels, launches, the host's CUDA calls, the garbage collector, each thread's CPU time,
+  the top host functions; with `--colocation-only`, only the Worker's first rollouts and the engine
+  alone beside them (what colocation costs, in a few minutes).
 
     python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--replay-baseline] [--profile]
-                                     [--set KEY=VALUE] [--json OUT.json]
+                                     [--colocation-only] [--set KEY=VALUE] [--json OUT.json]
 
 A SIGTERM (a device call's time limit) still prints, and writes, the figures measured so far.
 
