@@ -511,7 +511,8 @@ def main() -> None:
                          "(one more vLLM start, at the end of the run)")
     ap.add_argument("--profile", action="store_true",
                     help="after each rollout baseline's pairs, one generate of it and of the Worker under torch's "
-                         "profiler and cProfile, side by side (kernels, garbage collector, host functions)")
+                         "profiler and cProfile, side by side (kernels, the host's CUDA calls, garbage collector, "
+                         "threads, host functions)")
     ap.add_argument("--colocation-only", action="store_true",
                     help="only the Worker's rollout before any switch against the engine alone (with --profile: "
                          "what colocation costs, in a few minutes)")
@@ -618,9 +619,10 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
 
     worker.generate(prompts[:8], SamplingConfig(max_tokens=8, seed=0))  # warm-up
     first, out["rollout/tokens_per_s"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
+    worker_generate = lambda: engine_tokens(worker.generate(prompts, sampling))  # noqa: E731
     if args.colocation_only:
-        worker_generate = lambda: engine_tokens(worker.generate(prompts, sampling))  # noqa: E731
-        return compare_rollout(args, model_dir, worker_generate, out, COLOCATION_BASELINE)
+        compare_rollout(args, model_dir, worker_generate, out, COLOCATION_BASELINE)
+        return
 
     for round_trip in range(2):  # the second is the steady state
         worker.to_train()
@@ -665,7 +667,6 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
 
     after, out["rollout/tokens_per_s_after_reload"] = best_rate(lambda: worker.generate(prompts, sampling), engine_tokens)
     # the baselines beside the Worker's awake vLLM (k2-mini on a GPU: ~28 GiB each at k2-mini-1gpu.yaml's 0.35)
-    worker_generate = lambda: engine_tokens(worker.generate(prompts, sampling))  # noqa: E731
     compare_rollout(args, model_dir, worker_generate, out, ROLLOUT_BASELINES)
     worker.to_train()
     out.update(logprob_gap(worker, completion_batch(prompts, after), "gap/after_step_sync"))
