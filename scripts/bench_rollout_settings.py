@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import tempfile
 
-from bench_gpu_step import (ENGINE_SETTINGS, ON_GPU, PAIRED_REPEATS, PATCH_SETTINGS, SAMPLING_SETTINGS,
-                            StandaloneBaseline, compare_profiles, job_config, model_arguments, paired_rates,
-                            print_figures, rollout_arguments)
+from bench_gpu_step import (ENGINE_SETTINGS, PAIRED_REPEATS, PATCH_SETTINGS, SAMPLING_SETTINGS, StandaloneBaseline,
+                            job_config, model_arguments, paired_rates, print_figures, rollout_arguments)
+from generate_profile import ON_GPU, compare_profiles
 
 GPU_ONLY_SETTINGS = ("sleep_mode", "routing_replay", "batched_seeds")
 
