@@ -434,7 +434,9 @@ REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_r
 
 def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> None:
     """The Worker's vLLM against each baseline, their generates taking turns (`paired_rates`); with
-    `--profile`, then one generate of each profiled, side by side (`compare_profiles`)."""
+    `--profile`, then one generate of each profiled, side by side (`compare_profiles`). Once the
+    baseline's process has ended, the Worker alone again (best of ROLLOUT_REPEATS): beside its figure
+    before any baseline, whether taking turns with another process moves the Worker's own rate."""
     for kind, name, overrides in baselines:
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
@@ -445,6 +447,7 @@ def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> N
         finally:
             for line in baseline.close():
                 print(f"[{name} start] {line}", flush=True)
+        out[f"rollout/tokens_per_s_alone_after_{name}"] = max(rate_of(worker_generate) for _ in range(ROLLOUT_REPEATS))
 
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
