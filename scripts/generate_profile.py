@@ -145,7 +145,8 @@ def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> d
                       ("process CPU seconds", "process_cpu_s"), ("involuntary context switches", "involuntary_switches"),
                       ("CPUs allowed", "cpus_allowed"), ("wall under cProfile", "cprofile_wall_s"),
                       ("own time of all functions under cProfile", "cprofile_own_s")):
-        print(f"{tag} {name:<70} {first[key]:>10.3f} {'':>7} {other[key]:>10.3f}")
+        cell = "{:>10d}" if isinstance(first[key], int) else "{:>10.3f}"  # counts whole, seconds to the ms
+        print(f"{tag} {name:<70} {cell.format(first[key])} {'':>7} {cell.format(other[key])}")
     for table, title in (("top", None), ("runtime", "CUDA call from the host (own CPU time, under torch's profiler)"),
                          ("host", "host function (own time, under cProfile)"),
                          ("threads", "thread (CPU seconds in the profiled generate)")):
