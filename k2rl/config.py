@@ -59,7 +59,9 @@ class TrainEngineConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (MuonClip and AdamW run under any; 1-3 shard optimizer state, 3 the weights too)")
     micro_batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward/backward; gradients accumulate over micro-batches")
     grad_clip: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward instead of keeping them: a "
+        "micro-batch's peak memory down (k2-mini, 16384 tokens: 29 against 45 GiB), its step ~15% slower")
     shared_prefix: bool = Field(
         True, description="run the prefix all sequences of a micro-batch open with (system prompt, tool schemas, a "
         "task's prompt) once, not per sequence: same logprobs and gradients; off under gradient checkpointing and ZeRO-3")
