@@ -447,7 +447,7 @@ def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> N
         finally:
             for line in baseline.close():
                 print(f"[{name} start] {line}", flush=True)
-        out[f"rollout/tokens_per_s_alone_after_{name}"] = max(rate_of(worker_generate) for _ in range(ROLLOUT_REPEATS))
+        _, out[f"rollout/tokens_per_s_alone_after_{name}"] = best_rate(worker_generate, int)  # it counts its tokens
 
 
 def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: dict) -> None:
