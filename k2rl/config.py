@@ -61,7 +61,8 @@ class TrainEngineConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = Field(
         False, description="recompute each layer's activations in the backward instead of keeping them: a "
-        "micro-batch's peak memory down (k2-mini, 16384 tokens: 29 against 45 GiB), its step ~15% slower")
+        "micro-batch's peak memory down (k2-mini, 16384 tokens: 29 against 45 GiB, plus the gradients from the "
+        "second micro-batch on), its step ~15% slower")
     shared_prefix: bool = Field(
         True, description="run the prefix all sequences of a micro-batch open with (system prompt, tool schemas, a "
         "task's prompt) once, not per sequence: same logprobs and gradients; off under gradient checkpointing and ZeRO-3")

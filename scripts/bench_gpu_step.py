@@ -294,15 +294,20 @@ def grouped_mm_tokens_per_s(model_dir, batch, checkpointing: bool, steps: int = 
 
 
 def steady_steps(worker, batch, loss) -> tuple[float, float]:
-    """Seconds a step over STEADY_STEPS steps, and their peak GPU memory (GiB) above what was allocated
-    before them: the trainer's activations and transients. (torch's own peak counter is no use here:
-    it counts vLLM's sleeping memory pool, unmapped, as allocated.)"""
+    """Seconds a step over STEADY_STEPS steps, and their peak GPU memory (`peak_above`)."""
+    (_, seconds), peak = peak_above(lambda: timed(lambda: [worker.train_step(batch, loss) for _ in range(STEADY_STEPS)]))
+    return seconds / STEADY_STEPS, peak
+
+
+def peak_above(fn) -> tuple[object, float]:
+    """`fn()` and its peak GPU memory (GiB) above what was allocated before it: the trainer's activations
+    and transients. (torch's peak counter is reset, not read whole: it counts vLLM's sleeping memory
+    pool, unmapped, as allocated.)"""
     before = torch.cuda.memory_allocated() if ON_GPU else 0
     if ON_GPU:
         torch.cuda.reset_peak_memory_stats()
-    _, seconds = timed(lambda: [worker.train_step(batch, loss) for _ in range(STEADY_STEPS)])
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if ON_GPU else 0.0
-    return seconds / STEADY_STEPS, peak
+    out = fn()
+    return out, (torch.cuda.max_memory_allocated() - before) / 2**30 if ON_GPU else 0.0
 
 
 def device_copy_gb_per_s(nbytes: int) -> float:
@@ -501,7 +506,9 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     # An RL step accumulates many micro-batches per optimizer step. Four of them (one per copy of the
     # batch, at the config's micro_batch_tokens) split the step into forward+backward and the optimizer.
     worker.train_step(train_batch, nll)  # untimed: the step after the switch pays for it, this one too
-    _, seconds_four = timed(lambda: worker.train_step(concat_batches([train_batch] * 4), nll))
+    # (its peak: from the second micro-batch on, the accumulated gradients sit beside the activations)
+    (_, seconds_four), out["memory/train_step_peak_increase_4_micro_batches"] = peak_above(
+        lambda: timed(lambda: worker.train_step(concat_batches([train_batch] * 4), nll)))
     fwd_bwd = (seconds_four - seconds_steady) / 3
     out["train/tokens_per_s_4_micro_batches"] = 4 * tokens / seconds_four
     out["train/fwd_bwd_tokens_per_s"] = tokens / fwd_bwd

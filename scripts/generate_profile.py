@@ -94,8 +94,9 @@ def python_thread_places() -> list[str]:
 
 def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
     """Each of this process's threads (native ones too: NCCL's watchdog, OpenMP's pool): its name and
-    the CPU seconds it has used, from /proc. A thread busy beside a host-bound loop takes its core."""
-    ticks = os.sysconf("SC_CLK_TCK")
+    the CPU seconds it has used, from /proc. A thread busy beside a host-bound loop takes its core. The
+    calling thread (the loop's) is named apart: torch's CPU pool shares the process's name with it."""
+    ticks, loop = os.sysconf("SC_CLK_TCK"), threading.get_native_id()
     threads = {}
     for task in os.scandir("/proc/self/task"):
         try:
@@ -105,7 +106,8 @@ def thread_cpu_seconds() -> dict[int, tuple[str, float]]:
                 name = f.read().strip()
         except OSError:  # it ended meanwhile
             continue
-        threads[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
+        tid = int(task.name)
+        threads[tid] = (f"{name} (the loop)" if tid == loop else name, (int(fields[11]) + int(fields[12])) / ticks)  # utime, stime
     return threads
 
 
