@@ -59,6 +59,13 @@ def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Genera
     q = torch.empty_like(probs)
     if len(generators) != probs.shape[0]:
         q.exponential_()
+    exponential_rows(q, *draw_table(generators, probs.device))
+    return stock.sample_with_exponential_noise(probs, q)
+
+
+def draw_table(generators: dict[int, torch.Generator], device: torch.device) -> torch.Tensor:
+    """The seeded rows' (row, seed, draw) as an int64 [3, R] tensor on `device`, each generator's offset
+    moved on by one draw: the host's share of a step's seeded sampling (scripts/bench_seeded_sampling.py)."""
     rows, seeds, draws = [], [], []
     for row, generator in generators.items():
         offset = generator.get_offset()
@@ -66,9 +73,7 @@ def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Genera
         seeds.append(_signed64(generator.initial_seed()))
         draws.append(offset // _OFFSET_STEP)
         generator.set_offset(offset + _OFFSET_STEP)
-    table = torch.tensor([rows, seeds, draws], dtype=torch.int64).pin_memory().to(probs.device, non_blocking=True)
-    exponential_rows(q, table[0], table[1], table[2])
-    return stock.sample_with_exponential_noise(probs, q)
+    return torch.tensor([rows, seeds, draws], dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
 def _signed64(seed: int) -> int:
