@@ -11,7 +11,7 @@ Host microseconds a step (the launches return before the GPU is done: what the l
 same with the GPU finishing each step (what a step costs where the host waits for it). Figures are
 ratios against unseeded in the same run. CUDA only (a CPU generator keeps no offset).
 
-    python scripts/bench_seeded_sampling.py [--rows 256] [--vocab 163840] [--steps 256]
+    python scripts/bench_seeded_sampling.py [--rows 256] [--vocab N (k2-mini's)] [--steps 256]
 """
 from __future__ import annotations
 
