@@ -135,10 +135,11 @@ class GarbageCollectorTime:
 
 
 def compare_profiles(label: str, first_name: str, first: dict, other: dict) -> dict[str, float]:
-    """Print two `profile_generate`s side by side (wall, kernels, garbage collector and threads, then the
-    top kernels and the top host functions of either: seconds and calls in each); returns `label`'s
-    wall and kernel seconds and launches as fractions of `first`'s, and both sides' garbage collector
-    seconds."""
+    """Print two `profile_generate`s side by side (wall, kernels, garbage collector, threads, CPU and
+    cProfile totals, then of either side the top kernels, CUDA calls from the host, host functions and
+    threads by CPU seconds: seconds and calls in each; last where each Python thread is); returns
+    `label`'s wall and kernel seconds and launches as fractions of `first`'s, and both sides' garbage
+    collector seconds."""
     tag = f"[{label} profile]"
     print(f"{tag} {'kernel':<70} {first_name + ' s':>10} {'n':>7} {label + ' s':>10} {'n':>7}")
     for name, key in (("wall", "wall_s"), ("all kernels", "kernel_s"), ("garbage collector", "gc_s"),
