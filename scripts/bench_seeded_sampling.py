@@ -3,9 +3,10 @@ host-bound, so each microsecond the host spends per step is a microsecond of the
 
 For `--rows` requests over a `--vocab`-wide distribution, timed over `--steps` steps:
 - unseeded: one `exponential_` for the whole batch (plain vLLM's requests, as a user sends them);
-- batched seeds: k2rl's draw table (each request's seed and draw count, from its generator) and one
-  Triton kernel (`k2rl.engines.seeded_sampling`, what the RolloutEngine patches into vLLM);
-- the table alone: the Python loop over the generators, pinned and copied (its part of the above);
+- batched seeds: k2rl's draw table (each request's seed and draw count, from its `DrawLedger`) and one
+  Triton kernel (`k2rl.engines.seeded_sampling`, what the RolloutEngine patches into vLLM), the rows
+  decoding (their draws stand: the ledger reads and moves no generator offset);
+- the table alone: the ledger's loop over the generators, pinned and copied (its part of the above);
 - stock seeds: one `exponential_` per request with its own generator (vLLM's own way).
 Host microseconds a step (the launches return before the GPU is done: what the loop pays), then the
 same with the GPU finishing each step (what a step costs where the host waits for it). Figures are

@@ -1,6 +1,7 @@
 """Batched seeded sampling (k2rl.engines.seeded_sampling): each seeded row's noise depends on its seed
-and draw count alone, is Exp(1), and a row sampled in a batch is the row sampled alone. The kernel runs
-in Triton's interpreter on the CPU (in a process of its own); vLLM's sampler with CUDA generators runs on the GPU."""
+and draw count alone, is Exp(1), and a row sampled in a batch is the row sampled alone; the draw count
+is each request's kept draws, whatever vLLM takes back, moves or reschedules. The kernel runs in Triton's
+interpreter on the CPU (in a process of its own); vLLM's sampler with CUDA generators runs on the GPU."""
 import math
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from k2rl.engines import seeded_sampling
-from k2rl.engines.seeded_sampling import exponential_rows
+from k2rl.engines.seeded_sampling import DrawLedger, exponential_rows
 
 ON_GPU = torch.cuda.is_available()
 
@@ -76,9 +77,77 @@ def test_vllm_samples_a_seeded_row_alike_in_any_batch_and_by_its_probabilities()
     assert batch[4] == alone[0]
     gen = generator(11)
     draws = [seeded_sampling.seeded_random_sample(probs[1:2].clone(), {0: gen}).item() for _ in range(4000)]
-    assert gen.get_offset() == 4000 * 4  # every draw moved the generator on
     assert draws[0] == batch[1]  # the first draw of seed 11 is the batch's
     top = probs[1].topk(3).indices.tolist()
     for token in top:  # each likely token about as often as its probability says
         p = probs[1, token].item()
         assert abs(draws.count(token) / 4000 - p) < 4 * math.sqrt(p / 4000) + 1e-3
+
+
+class OffsetGenerator:
+    """A CUDA generator's offset, which a CPU generator does not keep: the CPU's twin of what
+    DrawLedger reads and moves (the GPU test below runs the same steps on CUDA generators)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed, self.offset, self.offset_calls = seed, 0, 0
+
+    def initial_seed(self) -> int:
+        return self.seed
+
+    def get_offset(self) -> int:
+        self.offset_calls += 1
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        self.offset_calls += 1
+        self.offset = offset
+
+
+def kept_draws_through_a_schedule(make_generator, device: str) -> tuple[dict[int, list[int]], list]:
+    """Three requests through vLLM's batch as its model runner moves them: chunked prefills whose draws
+    it takes back (its `gen.set_offset(gen.get_offset() - 4)`), a finished request, rows moved up, a
+    request unscheduled and back to prefill again. Each seed's kept draws, and the generators."""
+    ledger = DrawLedger()
+    a, b, c = (make_generator(seed) for seed in (1, 2, 3))
+    kept = {1: [], 2: [], 3: []}
+
+    def step(batch, taken_back=()):
+        rows, seeds, draws = ledger.draw_table(batch, device).tolist()
+        for row, seed, draw in zip(rows, seeds, draws):
+            if row in taken_back:
+                batch[row].set_offset(batch[row].get_offset() - 4)
+            else:
+                kept[seed].append(draw)
+
+    step({0: a, 1: b}, taken_back={1})  # b prefills in chunks
+    step({0: a, 1: b}, taken_back={1})
+    step({0: a, 1: b})  # b's last chunk: its draw stands
+    step({0: a, 1: b, 2: c}, taken_back={2})
+    step({0: b, 1: c})  # a finished; b and c moved up a row
+    step({0: b})  # c unscheduled
+    step({0: b, 1: c}, taken_back={1})  # c back, prefilling again
+    for _ in range(3):
+        step({0: b, 1: c})
+    return kept, [a, b, c]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_request_counts_its_kept_draws_alone(device):
+    if device == "cuda" and not ON_GPU:
+        pytest.skip("CUDA generators need a GPU; the CPU case runs the same steps on OffsetGenerator")
+    make = OffsetGenerator if device == "cpu" else lambda seed: torch.Generator(device="cuda").manual_seed(seed)
+    kept, _ = kept_draws_through_a_schedule(make, device)
+    assert kept == {1: [0, 1, 2, 3], 2: list(range(8)), 3: [0, 1, 2, 3]}
+
+
+def test_a_decoding_row_costs_no_offset_calls():
+    """Why the ledger exists: once its draws stand, a row reads and moves no offset (each a host call to
+    CUDA), however many steps it decodes."""
+    _, (_, b, c) = kept_draws_through_a_schedule(OffsetGenerator, "cpu")
+    ledger = DrawLedger()
+    for _ in range(2):  # joined, then its draw stood: watched no more
+        ledger.draw_table({0: b, 1: c}, "cpu")
+    calls = b.offset_calls, c.offset_calls
+    for _ in range(100):
+        ledger.draw_table({0: b, 1: c}, "cpu")
+    assert (b.offset_calls, c.offset_calls) == calls

@@ -5,12 +5,17 @@ a request samples the same whatever else shares its batch. vLLM (0.26) draws a s
 with that request's own torch.Generator, one `exponential_` per request and decoding step
 (`vllm.v1.sample.ops.topk_topp_sampler.random_sample`, which says "This can be slow"): 256 launches a
 step for 256 rollouts. Here each seeded row's Exp(1) noise is Philox keyed by the request's seed,
-counting the draws its generator has made (kept as the generator's own offset, as vLLM's draws do), all
-rows in one Triton kernel. The draws differ from stock vLLM's for the same seed; both promises hold.
+counting the draws the request has kept, all rows in one Triton kernel. The draws differ from stock
+vLLM's for the same seed; both promises hold.
+
+The count lives in a `DrawLedger`, not in the generator's offset as vLLM's own draws keep it: reading
+and moving a CUDA generator's offset are a host call each (~1.4 us with the check for graph capture),
+0.74 ms of a decoding step's host time for 256 rows (scripts/bench_seeded_sampling.py, H100).
 """
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -51,7 +56,7 @@ def exponential_rows(q: torch.Tensor, rows: torch.Tensor, seeds: torch.Tensor, d
 def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator],
                          use_fp64_gumbel: bool = False) -> torch.Tensor:
     """vLLM's `random_sample` (exponential-race sampling of each row of `probs`), with the rows that
-    have a generator drawn in one kernel; each such generator's offset moves on by one draw."""
+    have a generator drawn in one kernel; each such request's draw count moves on by one (`DrawLedger`)."""
     from vllm.v1.sample.ops import topk_topp_sampler as stock
 
     if not generators or use_fp64_gumbel or probs.dtype != torch.float32:
@@ -63,17 +68,71 @@ def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Genera
     return stock.sample_with_exponential_noise(probs, q)
 
 
-def draw_table(generators: dict[int, torch.Generator], device: torch.device) -> torch.Tensor:
-    """The seeded rows' (row, seed, draw) as an int64 [3, R] tensor on `device`, each generator's offset
-    moved on by one draw: the host's share of a step's seeded sampling (scripts/bench_seeded_sampling.py)."""
-    rows, seeds, draws = [], [], []
-    for row, generator in generators.items():
-        offset = generator.get_offset()
-        rows.append(row)
-        seeds.append(_signed64(generator.initial_seed()))
-        draws.append(offset // _OFFSET_STEP)
-        generator.set_offset(offset + _OFFSET_STEP)
-    return torch.tensor([rows, seeds, draws], dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+class DrawLedger:
+    """Each seeded generator's seed and kept draws. While a request may still be in a partial prefill,
+    vLLM throws its sampled token away and takes the draw back by rewinding the generator's offset
+    (`gpu_model_runner`: `gen.set_offset(gen.get_offset() - 4)`). So a generator new to its row (new,
+    moved, or back after being unscheduled or preempted: it may prefill again) keeps its count in its
+    offset, read before each draw and moved on after it, until a draw stands; from then on (decoding:
+    vLLM takes no draw back) the count is kept here alone, and written to the offset when the generator
+    next joins a row. Generators are held weakly: a finished request's count goes with its generator."""
+
+    def __init__(self) -> None:
+        self._counts: weakref.WeakKeyDictionary[torch.Generator, _Count] = weakref.WeakKeyDictionary()
+        self._rows: dict[int, tuple[torch.Generator, _Count]] = {}  # each row's generator at the last step
+
+    def draw_table(self, generators: dict[int, torch.Generator], device: torch.device | str) -> torch.Tensor:
+        """The seeded rows' (row, seed, draw) as an int64 [3, R] tensor on `device`; each row's count
+        moves on by one draw."""
+        rows, seeds, draws = [], [], []
+        placed = {}
+        for row, generator in generators.items():
+            last = self._rows.get(row)
+            if last is None or last[0] is not generator:
+                count = self._join(generator)
+            else:
+                count = last[1]
+                if count.watched:  # the offset holds the count: did vLLM take the last draw back?
+                    kept = generator.get_offset() // _OFFSET_STEP
+                    count.watched = kept < count.draws  # taken back: still prefilling, it may be again
+                    count.draws = kept
+            rows.append(row)
+            seeds.append(count.seed)
+            draws.append(count.draws)
+            count.draws += 1
+            if count.watched:
+                generator.set_offset(count.draws * _OFFSET_STEP)
+            placed[row] = (generator, count)
+        self._rows = placed
+        table = torch.tensor([rows, seeds, draws], dtype=torch.int64)
+        return table.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else table
+
+    def _join(self, generator: torch.Generator) -> _Count:
+        """The count of a generator new to its row, watched from now on (its offset holds the count)."""
+        count = self._counts.get(generator)
+        if count is None:
+            count = self._counts[generator] = _Count(_signed64(generator.initial_seed()), 0)
+        if count.watched:  # new, or moved while its offset held the count (vLLM may have taken a draw back)
+            count.draws = generator.get_offset() // _OFFSET_STEP
+        else:
+            generator.set_offset(count.draws * _OFFSET_STEP)
+        count.watched = True
+        return count
+
+
+class _Count:
+    __slots__ = ("seed", "draws", "watched")
+
+    def __init__(self, seed: int, draws: int) -> None:
+        self.seed, self.draws, self.watched = seed, draws, True
+
+
+_LEDGER = DrawLedger()  # vLLM's engine samples in this process; one ledger serves its batches
+
+
+def draw_table(generators: dict[int, torch.Generator], device: torch.device | str) -> torch.Tensor:
+    """`DrawLedger.draw_table` of this process's ledger: the host's share of a step's seeded sampling."""
+    return _LEDGER.draw_table(generators, device)
 
 
 def _signed64(seed: int) -> int:
