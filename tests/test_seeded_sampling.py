@@ -106,7 +106,8 @@ class OffsetGenerator:
 def kept_draws_through_a_schedule(make_generator, device: str) -> tuple[dict[int, list[int]], list]:
     """Three requests through vLLM's batch as its model runner moves them: chunked prefills whose draws
     it takes back (its `gen.set_offset(gen.get_offset() - 4)`), a finished request, rows moved up, a
-    request unscheduled and back to prefill again. Each seed's kept draws, and the generators."""
+    request unscheduled and back to prefill again, one unscheduled while decoding, a swap. Each seed's
+    kept draws, and the generators."""
     ledger = DrawLedger()
     a, b, c = (make_generator(seed) for seed in (1, 2, 3))
     kept = {1: [], 2: [], 3: []}
@@ -128,6 +129,9 @@ def kept_draws_through_a_schedule(make_generator, device: str) -> tuple[dict[int
     step({0: b, 1: c}, taken_back={1})  # c back, prefilling again
     for _ in range(3):
         step({0: b, 1: c})
+    step({0: c})  # b unscheduled while decoding
+    step({0: c, 1: b})  # b back
+    step({0: b, 1: c})  # the two swap rows
     return kept, [a, b, c]
 
 
@@ -137,7 +141,7 @@ def test_a_request_counts_its_kept_draws_alone(device):
         pytest.skip("CUDA generators need a GPU; the CPU case runs the same steps on OffsetGenerator")
     make = OffsetGenerator if device == "cpu" else lambda seed: torch.Generator(device="cuda").manual_seed(seed)
     kept, _ = kept_draws_through_a_schedule(make, device)
-    assert kept == {1: [0, 1, 2, 3], 2: list(range(8)), 3: [0, 1, 2, 3]}
+    assert kept == {1: [0, 1, 2, 3], 2: list(range(10)), 3: list(range(7))}
 
 
 def test_a_decoding_row_costs_no_offset_calls():

@@ -69,16 +69,15 @@ def seeded_random_sample(probs: torch.Tensor, generators: dict[int, torch.Genera
 
 
 class DrawLedger:
-    """Each seeded generator's seed and kept draws. While a request may still be in a partial prefill,
-    vLLM throws its sampled token away and takes the draw back by rewinding the generator's offset
-    (`gpu_model_runner`: `gen.set_offset(gen.get_offset() - 4)`). So a generator new to its row (new,
-    moved, or back after being unscheduled or preempted: it may prefill again) keeps its count in its
-    offset, read before each draw and moved on after it, until a draw stands; from then on (decoding:
-    vLLM takes no draw back) the count is kept here alone, and written to the offset when the generator
-    next joins a row. Generators are held weakly: a finished request's count goes with its generator."""
+    """Each seeded request's seed and kept draws, by row of vLLM's batch. While a request may still be
+    in a partial prefill, vLLM throws its sampled token away and takes the draw back by rewinding the
+    generator's offset (`gpu_model_runner`: `gen.set_offset(gen.get_offset() - 4)`). So a generator
+    new to its row (new, moved, or back after being unscheduled or preempted: it may prefill again)
+    keeps its count in its offset, read before each draw and moved on after it, until a draw stands;
+    from then on (decoding: vLLM takes no draw back) the count is kept here alone, and written to the
+    offset when the generator moves or leaves the batch, so the offset holds it whenever it is away."""
 
     def __init__(self) -> None:
-        self._counts: weakref.WeakKeyDictionary[torch.Generator, _Count] = weakref.WeakKeyDictionary()
         self._rows: dict[int, tuple[torch.Generator, _Count]] = {}  # each row's generator at the last step
 
     def draw_table(self, generators: dict[int, torch.Generator], device: torch.device | str) -> torch.Tensor:
@@ -86,10 +85,13 @@ class DrawLedger:
         moves on by one draw."""
         rows, seeds, draws = [], [], []
         placed = {}
+        last_rows = None  # the last step's counts by generator, once a row has changed
         for row, generator in generators.items():
             last = self._rows.get(row)
             if last is None or last[0] is not generator:
-                count = self._join(generator)
+                if last_rows is None:
+                    last_rows = {id(g): count for g, count in self._rows.values()}
+                count = self._join(generator, last_rows.get(id(generator)))
             else:
                 count = last[1]
                 if count.watched:  # the offset holds the count: did vLLM take the last draw back?
@@ -103,21 +105,30 @@ class DrawLedger:
             if count.watched:
                 generator.set_offset(count.draws * _OFFSET_STEP)
             placed[row] = (generator, count)
+        if last_rows is not None or len(placed) < len(self._rows):
+            self._leave(placed)
         self._rows = placed
         table = torch.tensor([rows, seeds, draws], dtype=torch.int64)
         return table.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else table
 
-    def _join(self, generator: torch.Generator) -> _Count:
-        """The count of a generator new to its row, watched from now on (its offset holds the count)."""
-        count = self._counts.get(generator)
-        if count is None:
-            count = self._counts[generator] = _Count(_signed64(generator.initial_seed()), 0)
-        if count.watched:  # new, or moved while its offset held the count (vLLM may have taken a draw back)
-            count.draws = generator.get_offset() // _OFFSET_STEP
+    def _join(self, generator: torch.Generator, moved: _Count | None) -> _Count:
+        """The count of a generator new to its row, watched from now on (its offset holds the count):
+        moved from another row, the count it had there; new or back, the count its offset holds."""
+        if moved is None:
+            return _Count(_signed64(generator.initial_seed()), generator.get_offset() // _OFFSET_STEP)
+        if moved.watched:
+            moved.draws = generator.get_offset() // _OFFSET_STEP
         else:
-            generator.set_offset(count.draws * _OFFSET_STEP)
-        count.watched = True
-        return count
+            generator.set_offset(moved.draws * _OFFSET_STEP)
+            moved.watched = True
+        return moved
+
+    def _leave(self, placed: dict[int, tuple[torch.Generator, _Count]]) -> None:
+        """Write the counts of the generators that left the batch since the last step to their offsets
+        (one that moved rows is watched again: `_join` wrote its count)."""
+        for row, (generator, count) in self._rows.items():
+            if placed.get(row, (None,))[0] is not generator and not count.watched:
+                generator.set_offset(count.draws * _OFFSET_STEP)
 
 
 class _Count:
