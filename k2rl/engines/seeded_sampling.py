@@ -9,13 +9,13 @@ counting the draws the request has kept, all rows in one Triton kernel. The draw
 vLLM's for the same seed; both promises hold.
 
 The count lives in a `DrawLedger`, not in the generator's offset as vLLM's own draws keep it: reading
-and moving a CUDA generator's offset are a host call each (~1.4 us with the check for graph capture),
-0.74 ms of a decoding step's host time for 256 rows (scripts/bench_seeded_sampling.py, H100).
+and moving a CUDA generator's offset are a host call each, each asking CUDA whether a graph is being
+captured; read, moved and its seed taken for 256 rows, they cost 0.74 ms of every decoding step's host
+time (scripts/bench_seeded_sampling.py, H100, 2026-12-07).
 """
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 
