@@ -103,11 +103,11 @@ class OffsetGenerator:
         self.offset = offset
 
 
-def kept_draws_through_a_schedule(make_generator, device: str) -> tuple[dict[int, list[int]], list]:
+def kept_draws_through_a_schedule(make_generator, device: str) -> dict[int, list[int]]:
     """Three requests through vLLM's batch as its model runner moves them: chunked prefills whose draws
     it takes back (its `gen.set_offset(gen.get_offset() - 4)`), a finished request, rows moved up, a
     request unscheduled and back to prefill again, one unscheduled while decoding, a swap. Each seed's
-    kept draws, and the generators."""
+    kept draws."""
     ledger = DrawLedger()
     a, b, c = (make_generator(seed) for seed in (1, 2, 3))
     kept = {1: [], 2: [], 3: []}
@@ -132,7 +132,7 @@ def kept_draws_through_a_schedule(make_generator, device: str) -> tuple[dict[int
     step({0: c})  # b unscheduled while decoding
     step({0: c, 1: b})  # b back
     step({0: b, 1: c})  # the two swap rows
-    return kept, [a, b, c]
+    return kept
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -140,14 +140,14 @@ def test_a_request_counts_its_kept_draws_alone(device):
     if device == "cuda" and not ON_GPU:
         pytest.skip("CUDA generators need a GPU; the CPU case runs the same steps on OffsetGenerator")
     make = OffsetGenerator if device == "cpu" else lambda seed: torch.Generator(device="cuda").manual_seed(seed)
-    kept, _ = kept_draws_through_a_schedule(make, device)
+    kept = kept_draws_through_a_schedule(make, device)
     assert kept == {1: [0, 1, 2, 3], 2: list(range(10)), 3: list(range(7))}
 
 
 def test_a_decoding_row_costs_no_offset_calls():
     """Why the ledger exists: once its draws stand, a row reads and moves no offset (each a host call to
     CUDA), however many steps it decodes."""
-    _, (_, b, c) = kept_draws_through_a_schedule(OffsetGenerator, "cpu")
+    b, c = OffsetGenerator(2), OffsetGenerator(3)
     ledger = DrawLedger()
     for _ in range(2):  # joined, then its draw stood: watched no more
         ledger.draw_table({0: b, 1: c}, "cpu")
