@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 
-import numpy
+import numpy as np
 import torch
 
 _OFFSET_STEP = 4  # a CUDA generator's Philox offset moves in multiples of 4
@@ -109,7 +109,7 @@ class DrawLedger:
         if last_rows is not None or len(placed) < len(self._rows):
             self._leave(placed)
         self._rows = placed
-        table = torch.from_numpy(numpy.array([rows, seeds, draws], dtype=numpy.int64))  # 3x torch.tensor's speed
+        table = torch.from_numpy(np.array([rows, seeds, draws], dtype=np.int64))  # 3x torch.tensor's speed
         return table.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else table
 
     def _join(self, generator: torch.Generator, moved: _Count | None) -> _Count:
