@@ -259,11 +259,19 @@ class StandaloneBaseline:
 
 
 def paired_rates(first, second, names: tuple[str, str, str], repeats: int = PAIRED_REPEATS) -> dict[str, float]:
-    """`first` and `second` (each a generate returning its tokens/s) in turn, `repeats` times; figures
-    under `names` (first, second, ratio): each one's best tokens/s, and second/first per pair: the
-    median, the lowest and the highest (how far one pair is from the next on this machine: one H100
-    pair in three was 0.71 of its median, 2026-12-06)."""
-    pairs = [(first(), second()) for _ in range(repeats)]
+    """`first` and `second` (each a generate returning its tokens/s) in turn, `repeats` times, which
+    goes first alternating from pair to pair (so that a cost of going first or second, or a machine
+    speeding up or slowing down within a pair, does not favour one side); figures under `names`
+    (first, second, ratio): each one's best tokens/s, and second/first per pair: the median, the
+    lowest and the highest (how far one pair is from the next on this machine: one H100 pair in three
+    was 0.71 of its median, 2026-12-06)."""
+    def pair(second_goes_first: bool) -> tuple[float, float]:
+        if second_goes_first:
+            b = second()
+            return first(), b
+        return first(), second()
+
+    pairs = [pair(i % 2 == 1) for i in range(repeats)]
     ratios = sorted(b / a for a, b in pairs)
     first_name, second_name, ratio = names
     return {first_name: max(a for a, _ in pairs), second_name: max(b for _, b in pairs),
