@@ -33,6 +33,7 @@ prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % 900 + 5 for j in ra
            for i in range(24)]
 params = [SamplingParams(temperature=0, max_tokens=8 + 5 * (i % 6), detokenize=False) for i in range(24)]
 outputs = llm.generate(prompts, params, use_tqdm=False)
+assert all(o.outputs[0].routed_experts is not None for o in outputs), "vLLM returned no routing"
 np.savez(out, prompt_lens=[len(p["prompt_token_ids"]) for p in prompts],
          **{f"tokens_{i}": np.array(o.outputs[0].token_ids) for i, o in enumerate(outputs)},
          **{f"routed_{i}": o.outputs[0].routed_experts for i, o in enumerate(outputs)})
