@@ -167,7 +167,7 @@ def standalone_generate(model_dir, job, prompts, sampling, as_rollout_engine: bo
     kwargs.update(ENGINE_SETTINGS.get(setting, {}))
     if setting in PATCH_SETTINGS:
         patch, setting_kwargs = PATCH_SETTINGS[setting]
-        if patch() is False and ON_GPU:  # (patch_seeded_sampling applies to every vLLM it runs on)
+        if not patch() and ON_GPU:
             raise RuntimeError(f"{patch.__name__} does not apply to this vLLM: {setting} would measure stock vLLM")
         kwargs.update(setting_kwargs)
     if not ON_GPU:  # the CPU smoke run, as the engine starts vLLM-CPU

@@ -152,11 +152,13 @@ def _signed64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def patch_seeded_sampling() -> None:
-    """Route vLLM's GPU sampler through `seeded_random_sample` (in this process; the engine runs in it)."""
+def patch_seeded_sampling() -> bool:
+    """Route vLLM's GPU sampler through `seeded_random_sample` (in this process; the engine runs in it);
+    returns True, as `patch_routing_snapshots` returns whether it applied: this one applies to every vLLM."""
     global _STOCK_RANDOM_SAMPLE
     from vllm.v1.sample.ops import topk_topp_sampler as stock
 
     if _STOCK_RANDOM_SAMPLE is None:
         _STOCK_RANDOM_SAMPLE = stock.random_sample
         stock.random_sample = seeded_random_sample
+    return True
