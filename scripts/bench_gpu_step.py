@@ -20,10 +20,11 @@
 - with `--profile`, where the Worker's generate and each rollout baseline's spend their time, side by
   side: GPU kernels, launches, the host's CUDA calls, the garbage collector, each thread's CPU time,
   the top host functions; with `--colocation-only`, only the Worker's first rollouts and the engine
-  alone beside them (what colocation costs, in a few minutes).
+  alone beside them (what colocation costs, in a few minutes); with `--rollout-only`, only the Worker
+  after one step + sync against standalone vLLM (the rollout goal's row, for several runs in one call).
 
     python scripts/bench_gpu_step.py [--config configs/k2-mini-1gpu.yaml] [--eager] [--replay-baseline] [--profile]
-                                     [--colocation-only] [--set KEY=VALUE] [--json OUT.json]
+                                     [--colocation-only | --rollout-only] [--pairs N] [--set KEY=VALUE] [--json OUT.json]
 
 A SIGTERM (a device call's time limit) still prints, and writes, the figures measured so far.
 
@@ -380,13 +381,21 @@ def main() -> None:
                     help="after each rollout baseline's pairs, one generate of it and of the Worker under torch's "
                          "profiler and cProfile, side by side (kernels, the host's CUDA calls, garbage collector, "
                          "threads, host functions)")
-    ap.add_argument("--colocation-only", action="store_true",
-                    help="only the Worker's rollout before any switch against the engine alone (with --profile: "
-                         "what colocation costs, in a few minutes)")
+    only = ap.add_mutually_exclusive_group()  # a part of the run in place of the whole
+    only.add_argument("--colocation-only", action="store_true",
+                      help="only the Worker's rollout before any switch against the engine alone (with --profile: "
+                           "what colocation costs, in a few minutes)")
+    only.add_argument("--rollout-only", action="store_true",
+                      help="only the Worker's rollout after one train step + sync against standalone vLLM (the "
+                           "rollout goal's row, in a few minutes: `gpu_check.sh rollout` runs it several times, "
+                           "since the median moves from run to run by more than within one)")
+    ap.add_argument("--pairs", type=int, default=PAIRED_REPEATS, help="generates in turn per rollout baseline")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),
                     help=argparse.SUPPRESS)  # ... with one
     args = ap.parse_args()
+    if args.pairs < 1:
+        ap.error(f"--pairs {args.pairs}: give at least 1 (the ratio is the pairs' median)")
 
     from k2rl.engines.types import TokenBatch
     from k2rl.model.build import make_model
@@ -448,6 +457,7 @@ def print_figures(out: dict, json_path: str | None) -> None:
 
 ROLLOUT_BASELINES = (("vllm", "standalone_vllm", ()), ("engine", "engine_alone", ()))
 COLOCATION_BASELINE = ROLLOUT_BASELINES[1:]  # `--colocation-only`: before any switch, the engine alone only
+STANDALONE_BASELINE = ROLLOUT_BASELINES[:1]  # `--rollout-only`: after one step + sync, plain vLLM only
 # The engine alone without routing replay: what replay costs (`--replay-baseline`, last: optional)
 REPLAY_BASELINE = (("engine", "engine_alone_without_replay", ("rollout.routing_replay=false",)),)
 
@@ -461,7 +471,8 @@ def compare_rollout(args, model_dir, worker_generate, out: dict, baselines) -> N
         baseline = StandaloneBaseline(args, model_dir, kind, overrides)
         try:
             out.update(paired_rates(baseline.tokens_per_s, lambda: rate_of(worker_generate), (
-                f"baseline/{name}_tokens_per_s", f"rollout/tokens_per_s_beside_{name}", f"rollout/vs_{name}")))
+                f"baseline/{name}_tokens_per_s", f"rollout/tokens_per_s_beside_{name}", f"rollout/vs_{name}"),
+                args.pairs))
             if args.profile:
                 out.update(compare_profiles("worker", name, baseline.profile(), profile_generate(worker_generate)))
         finally:
@@ -492,6 +503,12 @@ def measure(args, job, model_dir, config, prompts, sampling, train_batch, out: d
     worker_generate = lambda: engine_tokens(worker.generate(prompts, sampling))  # noqa: E731
     if args.colocation_only:
         compare_rollout(args, model_dir, worker_generate, out, COLOCATION_BASELINE)
+        return
+    if args.rollout_only:  # the rollout goal's row alone, as the full run measures it: after a step + sync
+        worker.to_train()
+        worker.train_step(train_batch, nll)
+        worker.to_rollout()
+        compare_rollout(args, model_dir, worker_generate, out, STANDALONE_BASELINE)
         return
 
     for round_trip in range(2):  # the second is the steady state

@@ -3,7 +3,7 @@
 # GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis;
 # or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics, held-out
 # dialogs and logs packed in LOG_DIR/demo-files.tar.gz (the device returns at most 8 files a call).
-#   bash scripts/gpu_check.sh [tests|bench|gap|all|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
+#   bash scripts/gpu_check.sh [tests|bench|gap|all|rollout|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
 # model is built once per machine (/tmp/k2-mini); GAP_MODEL=DIR gives the gap part another model.
@@ -37,6 +37,16 @@ if [[ $PART == bench || $PART == all ]]; then
   build_model
   python3 scripts/bench_gpu_step.py --model-dir $MODEL --json "$LOGS/bench.json" "${@:3}" > "$LOGS/bench.log" 2>&1 || status=1
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/bench.log" | tail -45
+fi
+if [[ $PART == rollout ]]; then  # the rollout goal's row, ROUNDS runs (default 3), each its own process (not part of "all")
+  # One run's median moved 0.85-1.005 between runs on one H100 (2026-12-07); the runs' spread says how reliably
+  build_model
+  for round in $(seq "${ROUNDS:-3}"); do
+    python3 scripts/bench_gpu_step.py --model-dir $MODEL --rollout-only --json "$LOGS/rollout-$round.json" "${@:3}" \
+      > "$LOGS/rollout-$round.log" 2>&1 || status=1
+    grep -E "^rollout/|^baseline/" "$LOGS/rollout-$round.log"
+  done
+  python3 scripts/rollout_runs.py "$LOGS"/rollout-*.json
 fi
 if [[ $PART == settings ]]; then  # what each of the RolloutEngine's vLLM settings costs (not part of "all")
   build_model

@@ -1,0 +1,53 @@
+"""The rollout goal's row over several runs of `bench_gpu_step.py --rollout-only` (`gpu_check.sh rollout`).
+
+Why: within one run the Worker and plain vLLM take turns, so a slow host slows both alike; yet the
+median of one run's pairs moved from 0.85 to 1.005 between runs minutes apart on one H100
+(2026-12-07). Whether the goal holds is a question about the runs, so this prints each run's median
+beside the others and how many reach the goal.
+    python scripts/rollout_runs.py LOG_DIR/rollout-*.json [--goal 0.9]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+RATIO = "rollout/vs_standalone_vllm"
+
+
+def run_medians(paths: list[str]) -> list[tuple[str, dict]]:
+    """(path, figures) of each run that measured the ratio; a run that did not is named on stderr."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            figures = json.load(f)
+        if RATIO in figures:
+            runs.append((path, figures))
+        else:
+            print(f"{path}: no {RATIO} (the run stopped before its pairs; see its .log)", file=sys.stderr)
+    return runs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="the --json files of bench_gpu_step.py --rollout-only runs")
+    ap.add_argument("--goal", type=float, default=0.9, help="the Worker's tokens/s over plain vLLM's")
+    args = ap.parse_args()
+    runs = run_medians(args.runs)
+    if not runs:
+        print("no run measured the Worker against plain vLLM", file=sys.stderr)
+        return 1
+    for path, f in runs:
+        print(f"{path}: the Worker {f[RATIO]:.3f} of plain vLLM (pairs {f[RATIO + '_lowest']:.3f}-"
+              f"{f[RATIO + '_highest']:.3f}; best {f['rollout/tokens_per_s_beside_standalone_vllm']:.0f} vs "
+              f"{f['baseline/standalone_vllm_tokens_per_s']:.0f} tokens/s)")
+    medians = [f[RATIO] for _, f in runs]
+    reached = sum(m >= args.goal for m in medians)
+    print(f"{len(runs)} runs: median of the runs' medians {statistics.median(medians):.3f}, lowest "
+          f"{min(medians):.3f}, highest {max(medians):.3f}; {reached} of {len(runs)} at or above {args.goal}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
