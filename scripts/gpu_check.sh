@@ -46,7 +46,7 @@ if [[ $PART == rollout ]]; then  # the rollout goal's row, ROUNDS runs (default 
       > "$LOGS/rollout-$round.log" 2>&1 || status=1
     grep -E "^rollout/|^baseline/" "$LOGS/rollout-$round.log"
   done
-  python3 scripts/rollout_runs.py "$LOGS"/rollout-*.json
+  python3 scripts/rollout_runs.py "$LOGS"/rollout-*.json || status=1
 fi
 if [[ $PART == settings ]]; then  # what each of the RolloutEngine's vLLM settings costs (not part of "all")
   build_model
