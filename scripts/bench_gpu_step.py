@@ -388,7 +388,7 @@ def main() -> None:
     only.add_argument("--rollout-only", action="store_true",
                       help="only the Worker's rollout after one train step + sync against standalone vLLM (the "
                            "rollout goal's row, in a few minutes: `gpu_check.sh rollout` runs it several times, "
-                           "since the median moves from run to run by more than within one)")
+                           "since one run's median moved 0.85-1.005 across four runs)")
     ap.add_argument("--pairs", type=int, default=PAIRED_REPEATS, help="generates in turn per rollout baseline")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),

@@ -1,9 +1,9 @@
 """The rollout goal's row over several runs of `bench_gpu_step.py --rollout-only` (`gpu_check.sh rollout`).
 
 Why: within one run the Worker and plain vLLM take turns, so a slow host slows both alike; yet the
-median of one run's pairs moved from 0.85 to 1.005 between runs minutes apart on one H100
-(2026-12-07). Whether the goal holds is a question about the runs, so this prints each run's median
-beside the others and how many reach the goal.
+median of one run's pairs was 0.90, 0.85, 0.89 and 1.005 in four runs on H100s (2026-12-07, the
+last two with the same rollout code). Whether the goal holds is a question about the runs, so this
+prints each run's median beside the others and how many reach the goal.
     python scripts/rollout_runs.py LOG_DIR/rollout-*.json [--goal 0.9]
 """
 from __future__ import annotations
