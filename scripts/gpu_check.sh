@@ -41,12 +41,15 @@ fi
 if [[ $PART == rollout ]]; then  # the rollout goal's row, ROUNDS runs (default 3), each its own process (not part of "all")
   # One run's median was 0.85-1.005 across four runs on H100s (2026-12-07); several runs say how reliably
   build_model
+  runs=()  # this call's runs only: a glob would also sum an earlier call's in the same LOG_DIR
   for round in $(seq "${ROUNDS:-3}"); do
-    python3 scripts/bench_gpu_step.py --model-dir $MODEL --rollout-only --json "$LOGS/rollout-$round.json" "${@:3}" \
+    runs+=("$LOGS/rollout-$round.json")
+    rm -f "${runs[-1]}"
+    python3 scripts/bench_gpu_step.py --model-dir $MODEL --rollout-only --json "${runs[-1]}" "${@:3}" \
       > "$LOGS/rollout-$round.log" 2>&1 || status=1
     grep -E "^rollout/|^baseline/" "$LOGS/rollout-$round.log"
   done
-  python3 scripts/rollout_runs.py "$LOGS"/rollout-*.json || status=1
+  python3 scripts/rollout_runs.py "${runs[@]}" || status=1
 fi
 if [[ $PART == settings ]]; then  # what each of the RolloutEngine's vLLM settings costs (not part of "all")
   build_model

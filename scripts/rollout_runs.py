@@ -16,12 +16,16 @@ import sys
 RATIO = "rollout/vs_standalone_vllm"
 
 
-def run_medians(paths: list[str]) -> list[tuple[str, dict]]:
-    """(path, figures) of each run that measured the ratio; a run that did not is named on stderr."""
+def measured_runs(paths: list[str]) -> list[tuple[str, dict]]:
+    """(path, figures) of each run that measured the ratio; a run that did not (no figures written, or
+    stopped before its pairs) is named on stderr."""
     runs = []
     for path in paths:
-        with open(path) as f:
-            figures = json.load(f)
+        try:
+            with open(path) as f:
+                figures = json.load(f)
+        except FileNotFoundError:
+            figures = {}
         if RATIO in figures:
             runs.append((path, figures))
         else:
@@ -34,18 +38,18 @@ def main() -> int:
     ap.add_argument("runs", nargs="+", help="the --json files of bench_gpu_step.py --rollout-only runs")
     ap.add_argument("--goal", type=float, default=0.9, help="the Worker's tokens/s over plain vLLM's")
     args = ap.parse_args()
-    runs = run_medians(args.runs)
+    runs = measured_runs(args.runs)
     if not runs:
         print("no run measured the Worker against plain vLLM", file=sys.stderr)
         return 1
     for path, f in runs:
-        print(f"{path}: the Worker {f[RATIO]:.3f} of plain vLLM (pairs {f[RATIO + '_lowest']:.3f}-"
+        print(f"{path}: the Worker {f[RATIO]:.4f} of plain vLLM (pairs {f[RATIO + '_lowest']:.3f}-"
               f"{f[RATIO + '_highest']:.3f}; best {f['rollout/tokens_per_s_beside_standalone_vllm']:.0f} vs "
               f"{f['baseline/standalone_vllm_tokens_per_s']:.0f} tokens/s)")
     medians = [f[RATIO] for _, f in runs]
     reached = sum(m >= args.goal for m in medians)
-    print(f"{len(runs)} runs: median of the runs' medians {statistics.median(medians):.3f}, lowest "
-          f"{min(medians):.3f}, highest {max(medians):.3f}; {reached} of {len(runs)} at or above {args.goal}")
+    print(f"{len(runs)} runs: median of the runs' medians {statistics.median(medians):.4f}, lowest "
+          f"{min(medians):.4f}, highest {max(medians):.4f}; {reached} of {len(runs)} at or above {args.goal}")
     return 0
 
 
