@@ -259,13 +259,14 @@ class StandaloneBaseline:
         raise RuntimeError(f"standalone {self.kind} failed:\n{self.errors.read()[-3000:]}")
 
 
-def paired_rates(first, second, names: tuple[str, str, str], repeats: int = PAIRED_REPEATS) -> dict[str, float]:
+def paired_rates(first, second, names: tuple[str, str, str], repeats: int = PAIRED_REPEATS) -> dict[str, float | list[float]]:
     """`first` and `second` (each a generate returning its tokens/s) in turn, `repeats` times, which
     goes first alternating from pair to pair (so that a cost of going first or second, or a machine
     speeding up or slowing down within a pair, does not favour one side); figures under `names`
     (first, second, ratio): each one's best tokens/s, and second/first per pair: the median, the
     lowest and the highest (how far one pair is from the next on this machine: one H100 pair in three
-    was 0.71 of its median, 2026-12-06)."""
+    was 0.71 of its median, 2026-12-06), and every pair's in the order run (`rollout_runs.py` pools
+    them over runs)."""
     def pair(second_goes_first: bool) -> tuple[float, float]:
         if second_goes_first:
             b = second()
@@ -273,10 +274,12 @@ def paired_rates(first, second, names: tuple[str, str, str], repeats: int = PAIR
         return first(), second()
 
     pairs = [pair(i % 2 == 1) for i in range(repeats)]
-    ratios = sorted(b / a for a, b in pairs)
+    in_order = [b / a for a, b in pairs]
+    ratios = sorted(in_order)
     first_name, second_name, ratio = names
     return {first_name: max(a for a, _ in pairs), second_name: max(b for _, b in pairs),
-            ratio: ratios[len(ratios) // 2], f"{ratio}_lowest": ratios[0], f"{ratio}_highest": ratios[-1]}
+            ratio: ratios[len(ratios) // 2], f"{ratio}_lowest": ratios[0], f"{ratio}_highest": ratios[-1],
+            f"{ratio}_pairs": in_order}
 
 
 def grouped_mm_tokens_per_s(model_dir, batch, checkpointing: bool, steps: int = 3) -> float:
@@ -449,6 +452,8 @@ def profile_sync(worker) -> None:
 def print_figures(out: dict, json_path: str | None) -> None:
     width = max(len(k) for k in out)
     for k, v in out.items():
+        if isinstance(v, list):  # a figure per pair
+            v = " ".join(f"{x:.3f}" for x in v)
         print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
     if json_path:
         with open(json_path, "w") as f:

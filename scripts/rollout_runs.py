@@ -3,7 +3,9 @@
 Why: within one run the Worker and plain vLLM take turns, so a slow host slows both alike; yet the
 median of one run's pairs was 0.90, 0.85, 0.89 and 1.005 in four runs on H100s (2026-12-07, the
 last two with the same rollout code). Whether the goal holds is a question about the runs, so this
-prints each run's median beside the others and how many reach the goal.
+prints each run's median beside the others and how many reach the goal; then the median of every
+pair of the runs pooled (runs since 2026-12-07 15:20 write their pairs), which one slow stretch of
+the host moves less than the median of one run's seven.
     python scripts/rollout_runs.py LOG_DIR/rollout-*.json [--goal 0.9]
 """
 from __future__ import annotations
@@ -50,6 +52,11 @@ def main() -> int:
     reached = sum(m >= args.goal for m in medians)
     print(f"{len(runs)} runs: median of the runs' medians {statistics.median(medians):.4f}, lowest "
           f"{min(medians):.4f}, highest {max(medians):.4f}; {reached} of {len(runs)} at or above {args.goal}")
+    pooled = [ratio for _, f in runs for ratio in f.get(RATIO + "_pairs", [])]
+    if pooled:
+        with_pairs = sum(RATIO + "_pairs" in f for _, f in runs)
+        print(f"{len(pooled)} pairs of {with_pairs} run(s) pooled: median {statistics.median(pooled):.4f}; "
+              f"{sum(r >= args.goal for r in pooled)} of {len(pooled)} at or above {args.goal}")
     return 0
 
 
