@@ -351,11 +351,22 @@ def model_arguments(description: str) -> argparse.ArgumentParser:
 
 
 def rollout_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The rollout's workload (`rollout_workload` reads it): random prompts, sampled to a fixed length."""
+    """The rollout's workload (`rollout_workload` reads it): random prompts, sampled to a fixed length;
+    and how many pairs of generates (`paired_rates`) compare two engines on it."""
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--pairs", "--repeats", type=pair_count, default=PAIRED_REPEATS,
+                    help="generates in turn per comparison (--repeats: its earlier name in bench_rollout_settings.py)")
     return ap
+
+
+def pair_count(text: str) -> int:
+    """`--pairs`: at least one pair, since the ratio is the pairs' median."""
+    count = int(text)
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: give at least 1 (the ratio is the pairs' median)")
+    return count
 
 
 def rollout_workload(args, vocab: int, gen: torch.Generator):
@@ -392,13 +403,10 @@ def main() -> None:
                       help="only the Worker's rollout after one train step + sync against standalone vLLM (the "
                            "rollout goal's row, in a few minutes: `gpu_check.sh rollout` runs it several times, "
                            "since one run's median moved 0.85-1.005 across four runs)")
-    ap.add_argument("--pairs", type=int, default=PAIRED_REPEATS, help="generates in turn per rollout baseline")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),
                     help=argparse.SUPPRESS)  # ... with one
     args = ap.parse_args()
-    if args.pairs < 1:
-        ap.error(f"--pairs {args.pairs}: give at least 1 (the ratio is the pairs' median)")
 
     from k2rl.engines.types import TokenBatch
     from k2rl.model.build import make_model

@@ -11,7 +11,7 @@ vLLM's sampler patched as the engine patches it (`batched_seeds`: seeded request
 or with routing replay as the engine patches vLLM 0.26's scheduler for it (`lean_routing_replay`: block
 ids copied only where a prompt's routing is still to be read), and then the RolloutEngine itself.
 Their generates take turns on the same prompts, so the shared machine's noise moves both alike; each
-setting's figure is the median ratio of `--repeats` pairs, with the lowest and highest beside it.
+setting's figure is the median ratio of `--pairs` pairs, with the lowest and highest beside it.
 
     python scripts/bench_rollout_settings.py [--model-dir DIR] [--setting NAME ...] [--profile] [--json OUT.json]
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import tempfile
 
-from bench_gpu_step import (ENGINE_SETTINGS, PAIRED_REPEATS, PATCH_SETTINGS, SAMPLING_SETTINGS, StandaloneBaseline,
+from bench_gpu_step import (ENGINE_SETTINGS, PATCH_SETTINGS, SAMPLING_SETTINGS, StandaloneBaseline,
                             job_config, model_arguments, paired_rates, print_figures, rollout_arguments)
 from generate_profile import ON_GPU, compare_profiles
 
@@ -38,7 +38,6 @@ def main() -> None:
     ap.add_argument("--setting", action="append",
                     choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS, "engine"),
                     help="what to compare with plain vLLM (repeatable; default: every setting, then the engine)")
-    ap.add_argument("--repeats", type=int, default=PAIRED_REPEATS, help="pairs of generates per setting")
     ap.add_argument("--profile", action="store_true",
                     help="after each setting's pairs, one generate of each under torch's profiler (kernel time "
                          "and launches beside wall time, top kernels side by side) and one under cProfile (top "
@@ -63,7 +62,7 @@ def main() -> None:
             try:
                 out.update(paired_rates(plain.tokens_per_s, other.tokens_per_s, (
                     f"{setting}/plain_vllm_tokens_per_s", f"{setting}/tokens_per_s", f"{setting}/vs_plain_vllm"),
-                    args.repeats))
+                    args.pairs))
                 if args.profile:
                     out.update(compare_profiles(setting, "plain", plain.profile(), other.profile()))
             finally:
