@@ -5,7 +5,9 @@ median of one run's pairs was 0.90, 0.85, 0.89 and 1.005 in four runs on H100s (
 last two with the same rollout code). Whether the goal holds is a question about the runs, so this
 prints each run's median beside the others and how many reach the goal; then the median of every
 pair of the runs pooled (runs since 2026-12-07 15:20 write their pairs), which one slow stretch of
-the host moves less than the median of one run's seven.
+the host moves less than the median of one run's seven; then each run's best generate against plain
+vLLM's best, whose ratio a slow stretch moves only where it lasts through all of one side's turns
+(the medians of seven runs were 0.79-1.007 and their best-generate ratios 0.88-1.004, 2026-12-07).
     python scripts/rollout_runs.py LOG_DIR/rollout-*.json [--goal 0.9]
 """
 from __future__ import annotations
@@ -52,6 +54,10 @@ def main() -> int:
     reached = sum(m >= args.goal for m in medians)
     print(f"{len(runs)} runs: median of the runs' medians {statistics.median(medians):.4f}, lowest "
           f"{min(medians):.4f}, highest {max(medians):.4f}; {reached} of {len(runs)} at or above {args.goal}")
+    best = [f["rollout/tokens_per_s_beside_standalone_vllm"] / f["baseline/standalone_vllm_tokens_per_s"]
+            for _, f in runs]
+    print(f"best generate against best generate: median {statistics.median(best):.4f}, lowest {min(best):.4f}, "
+          f"highest {max(best):.4f}; {sum(b >= args.goal for b in best)} of {len(runs)} at or above {args.goal}")
     pooled = [ratio for _, f in runs for ratio in f.get(RATIO + "_pairs", [])]
     if pooled:
         with_pairs = sum(RATIO + "_pairs" in f for _, f in runs)
