@@ -402,7 +402,7 @@ def main() -> None:
     only.add_argument("--rollout-only", action="store_true",
                       help="only the Worker's rollout after one train step + sync against standalone vLLM (the "
                            "rollout goal's row, in a few minutes: `gpu_check.sh rollout` runs it several times, "
-                           "since one run's median moved 0.85-1.005 across four runs)")
+                           "since one run's median moved 0.79-1.007 across nine runs on H100s)")
     ap.add_argument("--standalone-only", choices=("vllm", "engine"), help=argparse.SUPPRESS)  # a baseline's own process
     ap.add_argument("--vllm-setting", choices=(*ENGINE_SETTINGS, *SAMPLING_SETTINGS, *PATCH_SETTINGS),
                     help=argparse.SUPPRESS)  # ... with one
