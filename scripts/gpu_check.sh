@@ -39,7 +39,7 @@ if [[ $PART == bench || $PART == all ]]; then
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/bench.log" | tail -45
 fi
 if [[ $PART == rollout ]]; then  # the rollout goal's row, ROUNDS runs (default 3), each its own process (not part of "all")
-  # One run's median was 0.79-1.007 across seven runs on H100s (2026-12-07); several runs say how reliably
+  # One run's median was 0.79-1.007 across nine runs on H100s (2026-12-07); several runs say how reliably
   build_model
   runs=()  # this call's runs only: a glob would also sum an earlier call's in the same LOG_DIR
   for round in $(seq "${ROUNDS:-3}"); do
