@@ -48,7 +48,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 import torch  # noqa: E402
 
 from k2rl.commands import add_set_argument, set_arguments  # noqa: E402
-from k2rl.engines.routing_snapshots import patch_routing_snapshots  # noqa: E402
+from k2rl.engines.routing_at_finish import patch_routing_at_finish  # noqa: E402
 from k2rl.engines.seeded_sampling import patch_seeded_sampling  # noqa: E402
 from generate_profile import ON_GPU, compare_profiles, profile_generate, timed  # noqa: E402
 
@@ -133,10 +133,10 @@ ENGINE_SETTINGS = {
 # and step), and logprobs as a few lists per request instead of a dict and an object per token
 SAMPLING_SETTINGS = {"seeded": {}, "flat_logprobs": dict(flat_logprobs=True)}
 # ... and what the engine patches into vLLM, each with the setting it is for: seeded requests' noise in
-# one kernel (k2rl.engines.seeded_sampling), and routing replay's block ids copied only for the requests
-# whose prompt routing is still to be read (k2rl.engines.routing_snapshots)
+# one kernel (k2rl.engines.seeded_sampling), and routing replay's rows read once per request as it
+# finishes instead of sliced out per request and step (k2rl.engines.routing_at_finish)
 PATCH_SETTINGS = {"batched_seeds": (patch_seeded_sampling, {}),
-                  "lean_routing_replay": (patch_routing_snapshots, ENGINE_SETTINGS["routing_replay"])}
+                  "lean_routing_replay": (patch_routing_at_finish, ENGINE_SETTINGS["routing_replay"])}
 SEEDED_SETTINGS = ("seeded", "batched_seeds")  # the patch is for seeded requests
 
 

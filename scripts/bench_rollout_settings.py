@@ -8,8 +8,8 @@ bench_gpu_step.ENGINE_SETTINGS added (sleep mode, routing replay, the structured
 requests (unseeded in plain vLLM, as a user's) with a seed each (`seeded`: what k2rl's per-request seeds
 cost stock vLLM) or with flat logprobs (`flat_logprobs`, as the engine asks for them), or seeded with
 vLLM's sampler patched as the engine patches it (`batched_seeds`: seeded requests' noise in one kernel),
-or with routing replay as the engine patches vLLM 0.26's scheduler for it (`lean_routing_replay`: block
-ids copied only where a prompt's routing is still to be read), and then the RolloutEngine itself.
+or with routing replay as the engine patches vLLM 0.26's scheduler for it (`lean_routing_replay`: each
+request's routing read once as it finishes), and then the RolloutEngine itself.
 Their generates take turns on the same prompts, so the shared machine's noise moves both alike; each
 setting's figure is the median ratio of `--pairs` pairs, with the lowest and highest beside it.
 

@@ -26,7 +26,7 @@ if [[ $PART == tests || $PART == all ]]; then
   for t in "tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs" \
            tests/test_worker_gpu.py tests/test_train_engine_gpu.py \
            "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py tests/test_head.py tests/test_seeded_sampling.py -m gpu" \
-           "tests/test_routing_snapshots.py -m gpu"; do  # (two vLLM starts of its own, in subprocesses)
+           "tests/test_routing_at_finish.py -m gpu"; do  # (two vLLM starts of its own, in subprocesses)
     echo "== pytest $t" | tee -a "$LOGS/tests.log"
     seen=$(wc -l < "$LOGS/tests.log")
     timeout 300 python3 -m pytest -x -q -s -p no:cacheprovider $t >> "$LOGS/tests.log" 2>&1 || status=1

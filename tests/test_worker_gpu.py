@@ -72,11 +72,11 @@ def test_after_train_step_and_sync_vllm_matches_trainer(worker):
 def test_routing_replay_uses_vllm_experts(worker):
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    from k2rl.engines.routing_snapshots import copies_every_step
+    from k2rl.engines.routing_at_finish import reads_routing_per_step
 
-    # vLLM 0.26 copies every request's block ids each step unless patched: the routing below comes
-    # through the patch (k2rl.engines.routing_snapshots), which must return the same rows
-    assert getattr(Scheduler._update_after_schedule, "_k2rl_patched", False) or not copies_every_step(Scheduler)
+    # vLLM 0.26 slices routing out per request and step unless patched: the routing below comes
+    # through the patch (k2rl.engines.routing_at_finish), read once per request as it finishes
+    assert getattr(Scheduler.update_from_output, "_k2rl_patched", False) or not reads_routing_per_step(Scheduler)
     generations = worker.generate(PROMPTS, SAMPLED)
     config = worker.train.model.config
     for prompt, (g,) in zip(PROMPTS, generations):

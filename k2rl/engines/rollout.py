@@ -28,7 +28,7 @@ import torch
 
 from k2rl.engines.compile_key import config_directory, loads_in_place
 from k2rl.engines.expert_copy import copy_experts, direct_targets
-from k2rl.engines.routing_snapshots import patch_routing_snapshots
+from k2rl.engines.routing_at_finish import patch_routing_at_finish
 from k2rl.engines.seeded_sampling import patch_seeded_sampling
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.checkpoint import read_weights
@@ -130,7 +130,7 @@ class RolloutEngine:
         if self.on_gpu:
             patch_seeded_sampling()
             if routing_replay:
-                patch_routing_snapshots()
+                patch_routing_at_finish()
             kwargs.update(enable_sleep_mode=True, gpu_memory_utilization=gpu_memory_utilization,
                           enable_return_routed_experts=routing_replay)
             if kv_cache_memory_bytes is not None:

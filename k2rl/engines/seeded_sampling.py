@@ -154,7 +154,7 @@ def _signed64(seed: int) -> int:
 
 def patch_seeded_sampling() -> bool:
     """Route vLLM's GPU sampler through `seeded_random_sample` (in this process; the engine runs in it);
-    returns True, as `patch_routing_snapshots` returns whether it applied: this one applies to every vLLM."""
+    returns True, as `patch_routing_at_finish` returns whether it applied: this one applies to every vLLM."""
     global _STOCK_RANDOM_SAMPLE
     from vllm.v1.sample.ops import topk_topp_sampler as stock
 
