@@ -17,6 +17,8 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from k2rl.engines.routing_at_finish import patch_routing_at_finish, reads_routing_per_step
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from scheduler_stand_in import drive, make_scheduler  # noqa: E402
 # One vLLM per process (a second engine in a process fails), plain vLLM as a user starts it, stock or
 # patched. Few sequences at once and small prefill chunks: prompts prefill over several steps while
 # others decode, and requests join as others finish. A KV cache of KV_TOKENS positions, below what the
@@ -90,90 +92,12 @@ def test_patched_scheduler_returns_stock_routing(gpu_model_dir, tmp_path):
           f"with the sampling pass's on {np.mean(agree):.4f} of (position, layer, k) entries")
 
 
-def scheduler_routing(model_dir, num_blocks: int, shift: int):
-    """vLLM's scheduler (async, as the engine runs it), patched, driven step by step: 24 requests of
-    which 8 run at once in `num_blocks` KV blocks of 16 positions. The model runner is a stand-in: the
-    scheduler's bookkeeping is under test, and a GPU forward pass cannot be made to preempt a request
-    at its last step on demand. Its routing for a position is a function of (request, position), its
-    sampled token a function of the position; each step's outputs reach the scheduler after the next
-    step is scheduled, as with async scheduling. Returns each request's routing rows, their expected
-    rows, the requests preempted, and those that finished while preempted (blocks already freed)."""
-    import torch
-    from vllm import SamplingParams
-    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
-    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.outputs import ModelRunnerOutput, RoutedExpertsLists
-    from vllm.v1.request import Request
-    from vllm.v1.structured_output import StructuredOutputManager
-
-    block = 16
-    model = ModelConfig(model=str(model_dir), dtype="bfloat16", max_model_len=256, skip_tokenizer_init=True,
-                        enable_return_routed_experts=True)
-    cache = CacheConfig(block_size=block, enable_prefix_caching=False)
-    cache.num_gpu_blocks = num_blocks
-    config = VllmConfig(model_config=model, cache_config=cache, scheduler_config=SchedulerConfig(
-        max_num_seqs=8, max_num_batched_tokens=64, max_model_len=256, enable_chunked_prefill=True,
-        is_encoder_decoder=False), **({} if torch.cuda.is_available() else {"device_config": DeviceConfig("cpu")}))
-    kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
-        ["attn"], FullAttentionSpec(block_size=block, num_kv_heads=1, head_size=64, dtype=torch.bfloat16))])
-    scheduler = AsyncScheduler(vllm_config=config, kv_cache_config=kv, log_stats=False, block_size=block,
-                               structured_output_manager=StructuredOutputManager(config))
-    hf = model.hf_config
-
-    def route(rid: str, position: int) -> np.ndarray:  # distinct experts per layer
-        rng = np.random.default_rng((int(rid), position))
-        return np.stack([rng.choice(hf.n_routed_experts, hf.num_experts_per_tok, replace=False)
-                         for _ in range(hf.num_hidden_layers)])
-
-    requests = {str(i): Request(str(i), [(7 * i + 13 * j) % 900 + 5 for j in range(3 + 29 * (i % 7))],
-                                SamplingParams(max_tokens=8 + (5 + shift) * ((i + shift) % 6), temperature=0), None)
-                for i in range(24)}
-    for request in requests.values():
-        scheduler.add_request(request)
-    preempted, finished_preempted, rows = set(), set(), {}
-    preempt, free = scheduler._preempt_request, scheduler._free_request  # bound: the patched methods
-
-    def preempt_counted(request, timestamp):
-        preempted.add(request.request_id)
-        preempt(request, timestamp)
-
-    def free_counted(request, *args, **kwargs):
-        if request.num_computed_tokens == 0:  # preempted and not resumed: its blocks are freed
-            finished_preempted.add(request.request_id)
-        return free(request, *args, **kwargs)
-
-    scheduler._preempt_request, scheduler._free_request = preempt_counted, free_counted
-
-    def deliver(step) -> None:
-        for outputs in scheduler.update_from_output(*step).values():
-            for output in outputs.outputs:
-                if output.routed_experts is not None:
-                    rows.setdefault(output.request_id, []).append(output.routed_experts)
-
-    in_flight = []
-    while scheduler.has_requests():
-        scheduled = scheduler.schedule()
-        ids = list(scheduled.num_scheduled_tokens)
-        routing, slots, sampled = [], [], []
-        for rid in ids:
-            request, count = requests[rid], scheduled.num_scheduled_tokens[rid]
-            start = request.num_computed_tokens - count  # already advanced by the schedule
-            block_ids = scheduler.kv_cache_manager.get_blocks(rid).get_block_ids()[0]
-            for position in range(start, start + count):
-                routing.append(route(rid, position))
-                slots.append(block_ids[position // block] * block + position % block)
-            sampled.append([] if request.is_prefill_chunk else [request.num_computed_tokens % 900 + 5])
-        in_flight.append((scheduled, ModelRunnerOutput(
-            req_ids=ids, req_id_to_index={rid: k for k, rid in enumerate(ids)}, sampled_token_ids=sampled,
-            routed_experts=RoutedExpertsLists(np.array(routing, dtype=np.int32), np.array(slots, dtype=np.int64))
-            if routing else None)))
-        if len(in_flight) > 1:
-            deliver(in_flight.pop(0))
-    for step in in_flight:
-        deliver(step)
-    expected = {rid: np.stack([route(rid, p) for p in range(r.num_tokens - 1)]) for rid, r in requests.items()}
-    return rows, expected, preempted, finished_preempted
+def route(rid: str, position: int, config) -> np.ndarray:
+    """The stand-in runner's routing of one position: distinct experts per layer, a function of
+    (request, position), so a recompute routes alike and each row tells where it was read from."""
+    rng = np.random.default_rng((int(rid), position))
+    return np.stack([rng.choice(config.n_routed_experts, config.num_experts_per_tok, replace=False)
+                     for _ in range(config.num_hidden_layers)])
 
 
 @pytest.mark.gpu  # the only vLLM this applies to (0.26) is the device's; no GPU work
@@ -184,13 +108,22 @@ def test_patched_scheduler_reads_every_position_through_preemptions(gpu_model_di
     for name in ("_update_after_schedule", "update_from_output", "_free_request", "_preempt_request"):
         monkeypatch.setattr(Scheduler, name, getattr(Scheduler, name))  # the stock methods back after the test
     assert patch_routing_at_finish()
-    rows, expected, preempted, finished_preempted = scheduler_routing(gpu_model_dir, num_blocks, shift)
-    for rid, want in expected.items():
-        assert len(rows[rid]) == 1, rid  # once, as it finished
-        assert np.array_equal(rows[rid][0], want), rid
-    assert preempted, "the KV blocks should force preemptions"
+    # 24 requests, 8 running at once in `num_blocks` blocks of 16 positions, 64-token prefill chunks
+    scheduler = make_scheduler(gpu_model_dir, max_running=8, max_batched_tokens=64, num_blocks=num_blocks,
+                               max_model_len=256)
+    config = scheduler.vllm_config.model_config.hf_config
+    prompts = [[(7 * i + 13 * j) % 900 + 5 for j in range(3 + 29 * (i % 7))] for i in range(24)]
+    max_tokens = [8 + (5 + shift) * ((i + shift) % 6) for i in range(24)]
+    run = drive(scheduler, prompts, max_tokens, lambda spans: np.concatenate([
+        np.stack([route(rid, p, config) for p in range(first, first + count)]) for rid, first, count in spans]))
+    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
+        rid = str(i)
+        assert len(run.rows[rid]) == 1, rid  # once, as it finished
+        want = np.stack([route(rid, p, config) for p in range(len(prompt) + n - 1)])  # all but the last token
+        assert np.array_equal(run.rows[rid][0], want), rid
+    assert run.preempted, "the KV blocks should force preemptions"
     if num_blocks < 40:  # these two schedules preempt one request at its last step (kept block ids)
-        assert finished_preempted, "no request finished while preempted"
+        assert run.finished_preempted, "no request finished while preempted"
 
 
 def test_leaves_a_scheduler_that_gathers_routing_at_the_end_alone():
