@@ -3,12 +3,19 @@
 # GPU machine"): the gpu-marked tests, then the one-step benchmark, then the logprob-gap diagnosis;
 # or the GPU demo (not part of "all"), each output line time-stamped, its runs' metrics, held-out
 # dialogs and logs packed in LOG_DIR/demo-files.tar.gz (the device returns at most 8 files a call).
-#   bash scripts/gpu_check.sh [tests|bench|gap|all|rollout|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
+#   bash scripts/gpu_check.sh [tests|engine-tests|routing-tests|bench|gap|all|rollout|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
-# (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call; the k2-mini
-# model is built once per machine (/tmp/k2-mini); GAP_MODEL=DIR gives the gap part another model.
+# (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call, but for "tests"
+# on a fresh machine (2026-12-07: over 9.5 min with the unpack, Triton compiling in each first vLLM
+# start): there, "engine-tests" then "routing-tests" are its two halves. The k2-mini model is built
+# once per machine (/tmp/k2-mini); GAP_MODEL=DIR gives the gap part another model.
 set -uo pipefail
 PART=${1:-all}
+case $PART in
+  tests|engine-tests|routing-tests|bench|gap|all|rollout|settings|demo) ;;
+  *) echo "gpu_check.sh: unknown part '$PART'; give one of tests, engine-tests, routing-tests, bench, gap, all, rollout, settings, demo" >&2
+     exit 2 ;;
+esac
 LOGS=${2:-${OUT:-gpu-logs}}
 mkdir -p "$LOGS"
 [ -f /tmp/site/env.sh ] && . /tmp/site/env.sh
@@ -18,19 +25,26 @@ build_model() {
   [ -f $MODEL/config.json ] || python3 -c "from k2rl.model.build import make_model; make_model('k2-mini', '$MODEL', seed=0)"
 }
 status=0
-if [[ $PART == tests || $PART == all ]]; then
+ENGINE_TESTS=("tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs"
+              tests/test_worker_gpu.py tests/test_train_engine_gpu.py
+              "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py tests/test_head.py tests/test_seeded_sampling.py -m gpu")
+ROUTING_TESTS=("tests/test_routing_at_finish.py -m gpu")  # (two vLLM starts of its own, in subprocesses)
+case $PART in
+  tests|all) TESTS=("${ENGINE_TESTS[@]}" "${ROUTING_TESTS[@]}") ;;
+  engine-tests) TESTS=("${ENGINE_TESTS[@]}") ;;
+  routing-tests) TESTS=("${ROUTING_TESTS[@]}") ;;
+  *) TESTS=() ;;
+esac
+if (( ${#TESTS[@]} )); then
   # First, not beside the tests: it builds on the GPU, and the engine tests read the GPU's memory
   build_model > "$LOGS/make_model.log" 2>&1 || status=1
   # One process per engine configuration (vLLM engines of one process share its distributed state);
   # -s: vLLM redirects the real stdout while it builds process groups, which pytest's capture hides.
-  for t in "tests/test_rollout_engine_gpu.py -k eager" "tests/test_rollout_engine_gpu.py -k graphs" \
-           tests/test_worker_gpu.py tests/test_train_engine_gpu.py \
-           "tests/test_shared_prefix.py tests/test_attention.py tests/test_experts.py tests/test_optim.py tests/test_head.py tests/test_seeded_sampling.py -m gpu" \
-           "tests/test_routing_at_finish.py -m gpu"; do  # (two vLLM starts of its own, in subprocesses)
+  for t in "${TESTS[@]}"; do
     echo "== pytest $t" | tee -a "$LOGS/tests.log"
     seen=$(wc -l < "$LOGS/tests.log")
     timeout 300 python3 -m pytest -x -q -s -p no:cacheprovider $t >> "$LOGS/tests.log" 2>&1 || status=1
-    tail -n +$((seen + 1)) "$LOGS/tests.log" | grep -E "GPU memory used|logprob gap|passed|failed|^E |Error" | tail -8
+    tail -n +$((seen + 1)) "$LOGS/tests.log" | grep -E "GPU memory used|logprob gap|preempted|passed|failed|^E |Error" | tail -8
   done
 fi
 if [[ $PART == bench || $PART == all ]]; then
