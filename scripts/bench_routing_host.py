@@ -27,10 +27,8 @@ import tempfile
 import numpy as np
 from scheduler_stand_in import BLOCK, drive, make_scheduler
 
-from k2rl.engines.routing_at_finish import patch_routing_at_finish, reads_routing_per_step
+from k2rl.engines.routing_at_finish import PATCHED_METHODS, patch_routing_at_finish, reads_routing_per_step
 from k2rl.model.presets import preset_config
-
-PATCHED = ("_update_after_schedule", "update_from_output", "_free_request", "_preempt_request")
 
 
 def main() -> None:
@@ -47,7 +45,7 @@ def main() -> None:
     if not reads_routing_per_step(Scheduler):
         sys.exit(f"vLLM {__version__}'s scheduler does not slice routing per step: nothing to compare "
                  "(the patch is for vLLM 0.26)")
-    stock = {name: getattr(Scheduler, name) for name in PATCHED}
+    stock = {name: getattr(Scheduler, name) for name in PATCHED_METHODS}
     with tempfile.TemporaryDirectory() as model_dir:
         from transformers import DeepseekV3Config
 
@@ -74,7 +72,7 @@ def main() -> None:
         ways = ["no_replay", "stock_replay", "read_at_finish"]
         micros = {way: [] for way in ways}
         for round_ in range(args.rounds):
-            for way in ways[round_ % 3:] + ways[:round_ % 3]:
+            for way in ways[round_ % len(ways):] + ways[:round_ % len(ways)]:
                 micros[way].append(run(way))
         for name, method in stock.items():
             setattr(Scheduler, name, method)

@@ -54,9 +54,8 @@ def drive(scheduler, prompts: list[list[int]], max_tokens: list[int],
           routing: Callable[[list[tuple[str, int, int]]], np.ndarray] | None) -> Run:
     """Requests "0".."n-1" through `scheduler` until all finish. Per step the stand-in runner answers with
     `routing([(request id, first position, count), ...])` (a row per scheduled position; none where
-    `routing` is None, replay off) and a sampled
-    token per request past its prefill; each step's output reaches the scheduler after the next step is
-    scheduled, as with async scheduling."""
+    `routing` is None, replay off) and a sampled token per request past its prefill; each step's output
+    reaches the scheduler after the next step is scheduled, as with async scheduling."""
     from vllm import SamplingParams
     from vllm.v1.outputs import ModelRunnerOutput, RoutedExpertsLists
     from vllm.v1.request import Request

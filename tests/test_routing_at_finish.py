@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from k2rl.engines.routing_at_finish import patch_routing_at_finish, reads_routing_per_step
+from k2rl.engines.routing_at_finish import PATCHED_METHODS, patch_routing_at_finish, reads_routing_per_step
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -105,7 +105,7 @@ def route(rid: str, position: int, config) -> np.ndarray:
 def test_patched_scheduler_reads_every_position_through_preemptions(gpu_model_dir, monkeypatch, num_blocks, shift):
     if not reads_routing_per_step(Scheduler):
         pytest.skip("this vLLM's scheduler does not slice routing per step (vLLM 0.32 gathers it at a request's end)")
-    for name in ("_update_after_schedule", "update_from_output", "_free_request", "_preempt_request"):
+    for name in PATCHED_METHODS:
         monkeypatch.setattr(Scheduler, name, getattr(Scheduler, name))  # the stock methods back after the test
     assert patch_routing_at_finish()
     # 24 requests, 8 running at once in `num_blocks` blocks of 16 positions, 64-token prefill chunks
@@ -127,8 +127,7 @@ def test_patched_scheduler_reads_every_position_through_preemptions(gpu_model_di
 
 
 def test_leaves_a_scheduler_that_gathers_routing_at_the_end_alone():
-    stock = {name: getattr(Scheduler, name, None) for name in
-             ("_update_after_schedule", "update_from_output", "_free_request", "_preempt_request")}
+    stock = {name: getattr(Scheduler, name, None) for name in PATCHED_METHODS}
     if reads_routing_per_step(Scheduler):
         pytest.skip("this vLLM's scheduler slices routing per step (0.26): the GPU test above covers the patch")
     assert patch_routing_at_finish() is False

@@ -21,6 +21,9 @@ import contextlib
 import functools
 import inspect
 
+# The Scheduler methods the patch replaces (a test or bench that patches and unpatches restores these)
+PATCHED_METHODS = ("_update_after_schedule", "update_from_output", "_free_request", "_preempt_request")
+
 
 def reads_routing_per_step(scheduler_cls) -> bool:
     """Whether this vLLM's scheduler copies block ids and slices routing per request and step, behind
@@ -89,8 +92,8 @@ def patch_routing_at_finish() -> bool:
             self._re_block_ids[request.request_id] = _block_ids(self, request)
         stock_preempt(self, request, timestamp)
 
-    for name, patched in (("_update_after_schedule", _update_after_schedule), ("update_from_output", update_from_output),
-                          ("_free_request", _free_request), ("_preempt_request", _preempt_request)):
+    for name, patched in zip(PATCHED_METHODS, (_update_after_schedule, update_from_output, _free_request,
+                                               _preempt_request)):
         patched._k2rl_patched = True
         setattr(Scheduler, name, patched)
     return True
