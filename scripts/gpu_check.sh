@@ -5,6 +5,7 @@
 # dialogs and logs packed in LOG_DIR/demo-files.tar.gz (the device returns at most 8 files a call).
 #   bash scripts/gpu_check.sh [tests|engine-tests|routing-tests|bench|gap|all|rollout|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
+#   (SAVE_CACHE=1: the compile caches packed into LOG_DIR; below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call, but for "tests"
 # on a fresh machine (2026-12-07: over 9.5 min with the unpack, Triton compiling in each first vLLM
 # start): there, "engine-tests" then "routing-tests" are its two halves. The k2-mini model is built
@@ -21,6 +22,17 @@ mkdir -p "$LOGS"
 [ -f /tmp/site/env.sh ] && . /tmp/site/env.sh
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 MODEL=/tmp/k2-mini
+# Every part compiles into one set of caches (vLLM's, Inductor's, Triton's, ...; bench_vllm_start.py's
+# list), seeded from .gpu/compile-cache.tar.gz where a checkout carries one: a fresh machine's first
+# vLLM start of each engine configuration then loads its kernels instead of compiling them (110 s
+# cold, 52 s warm on an H100, 2026-12-06). SAVE_CACHE=1 packs the caches into LOG_DIR at the end,
+# for the next call or session to carry (the device returns files of at most 16 MiB).
+CACHES=/tmp/k2rl-compile-caches
+if [[ ! -d $CACHES ]]; then
+  mkdir -p $CACHES
+  [[ -f .gpu/compile-cache.tar.gz ]] && tar -C $CACHES -xzf .gpu/compile-cache.tar.gz
+fi
+eval "$(python3 scripts/bench_vllm_start.py --cache-env $CACHES)"
 build_model() {
   [ -f $MODEL/config.json ] || python3 -c "from k2rl.model.build import make_model; make_model('k2-mini', '$MODEL', seed=0)"
 }
@@ -122,5 +134,13 @@ if [[ $PART == demo ]]; then
   fi
   tar -czf "$LOGS/demo-files.tar.gz" -C "$files" . && rm -rf "$files"
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
+fi
+if [[ ${SAVE_CACHE:-0} == 1 ]]; then
+  tar -C $CACHES -czf "$LOGS/compile-cache.tar.gz" .
+  size=$(stat -c %s "$LOGS/compile-cache.tar.gz")
+  echo "compile caches: $((size / 1048576)) MiB packed in $LOGS/compile-cache.tar.gz"
+  if (( size > 16 * 1048576 )); then
+    echo "(over the 16 MiB a device call returns; left out)"; rm "$LOGS/compile-cache.tar.gz"
+  fi
 fi
 exit $status
