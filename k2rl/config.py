@@ -161,6 +161,10 @@ class AlgorithmConfig(Section):
         if bool(self.teacher_declines) != (self.teacher_decline_rate > 0):
             raise ValueError("algorithm.teacher_declines and algorithm.teacher_decline_rate go together: name the "
                              "task types the teacher declines and a rate above 0 (or neither)")
+        if self.samples_per_task < 2 and self.name in ("k2", "grpo"):
+            raise ValueError(f"algorithm.samples_per_task is 1: {self.name}'s advantage is a sample's reward against "
+                             "its group's mean, which for a group of one is 0, so RL would learn nothing; set it to 2 "
+                             "or more (K2 samples several per prompt), or use ppo (a batch baseline)")
         if self.kl_coef > 0 and self.name not in ("grpo", "ppo"):
             raise ValueError(f"kl_coef applies to grpo and ppo; {self.name!r} has none (k2 regularizes "
                              "toward the sampling policy with tau)")

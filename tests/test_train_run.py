@@ -80,6 +80,40 @@ def test_short_run_writes_the_whole_run_directory(tiny_model_dir, tmp_path):
     assert measure(latest / "model", prompts=2, tokens=8).mean_abs_gap < 5e-3
 
 
+@pytest.mark.parametrize("sets, message", [
+    (["env.name=shpo"], "error: env.name: unknown environment 'shpo'; known: airline, bank, calendar, shop"),
+    (["algorithm.teacher_declines=[refnd]", "algorithm.teacher_decline_rate=0.5"],
+     r"error: algorithm.teacher_declines names task types \['refnd'\] that environment 'shop' does not have"),
+    (["rewards.judge.mode=endpoint", "rewards.judge.base_url=http://127.0.0.1:9/v1", "rewards.judge.rubric=nope.yaml"],
+     "error: rewards.judge.rubric: .*nope.yaml: file not found"),
+    (["algorithm.ptx_coef=0.5", "algorithm.ptx_dataset=/nonexistent/sft.jsonl"],
+     "error: algorithm.ptx_dataset /nonexistent/sft.jsonl: file not found"),
+    (["algorithm.samples_per_task=1"], "error: .*algorithm.samples_per_task is 1: k2's advantage .* set it to 2 or more"),
+])
+def test_bad_input_fails_before_any_worker_starts(tiny_model_dir, tmp_path, capsys, sets, message):
+    """Each input the config names is read before Ray and the workers start (minutes on a GPU), and a
+    bad one is one line naming its field, not a traceback from inside the trainer."""
+    import re
+
+    import ray
+
+    from k2rl.cli import main
+
+    argv = ["train", "configs/tiny-cpu.yaml", *set_arguments(SMALL + [f"run.output_dir={tmp_path}",
+                                                                     f"model.path={tiny_model_dir}", *sets])]
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not ray.is_initialized()
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    from k2rl.cli import main
+
+    (tmp_path / "config.yaml").write_text(Path("configs/tiny-cpu.yaml").read_text())  # a run that never checkpointed
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert f"--resume {tmp_path}: no complete checkpoint" in capsys.readouterr().err
+
+
 def test_sigterm_checkpoints_then_exits(tiny_model_dir, tmp_path):
     proc = subprocess.Popen(_cmd(tmp_path, "term", tiny_model_dir, "schedule.steps=50", "schedule.checkpoint_every=0"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

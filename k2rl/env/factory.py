@@ -6,6 +6,7 @@ from k2rl.env.environment import Environment
 from k2rl.env.registry import load_env
 from k2rl.env.task import Task, load_tasks, sample_tasks
 from k2rl.env.user import LLMUser, RuleUser
+from k2rl.validation import ValidationFailed
 
 
 class EnvFactory:
@@ -13,7 +14,10 @@ class EnvFactory:
 
     def __init__(self, config: EnvConfig):
         self.config = config
-        self.env_cls = load_env(config.name)
+        try:
+            self.env_cls = load_env(config.name)
+        except ValidationFailed as err:
+            raise ValidationFailed(f"env.name: {err}") from None
         self.backend = None
         if config.user == "llm":
             from k2rl.llm import LLMClient

@@ -11,6 +11,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from k2rl.env.environment import Environment
+from k2rl.validation import ValidationFailed
 
 BUILTINS = {
     "airline": "envs.airline:Airline",
@@ -37,7 +38,7 @@ def load_env(spec: str) -> type[Environment]:
         return _checked(plugins[spec].load(), spec)
     if ":" in spec or "." in spec or spec.endswith(".py"):
         return _from_path(spec)
-    raise ValueError(f"unknown environment {spec!r}; known: {', '.join(sorted(available()))}; "
+    raise ValidationFailed(f"unknown environment {spec!r}; known: {', '.join(sorted(available()))}; "
                      f"or give a path like my_pkg.my_env:MyEnv or ./my_env.py:MyEnv")
 
 
@@ -46,7 +47,7 @@ def _from_path(spec: str) -> type[Environment]:
     if module_part.endswith(".py"):
         path = Path(module_part).resolve()
         if not path.exists():
-            raise ValueError(f"environment file {path} not found")
+            raise ValidationFailed(f"environment file {path} not found")
         module_spec = importlib.util.spec_from_file_location(f"k2rl_user_env_{path.stem}", path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_spec.name] = module
@@ -55,19 +56,19 @@ def _from_path(spec: str) -> type[Environment]:
         try:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as err:
-            raise ValueError(f"cannot import {module_part!r} for environment {spec!r}: {err}") from None
+            raise ValidationFailed(f"cannot import {module_part!r} for environment {spec!r}: {err}") from None
     if attr:
         if not hasattr(module, attr):
-            raise ValueError(f"{module_part} has no attribute {attr!r}")
+            raise ValidationFailed(f"{module_part} has no attribute {attr!r}")
         return _checked(getattr(module, attr), spec)
     own = [c for c in vars(module).values() if inspect.isclass(c) and issubclass(c, Environment)
            and c.__module__ == module.__name__]
     if len(own) != 1:
-        raise ValueError(f"{module_part} defines {len(own)} Environment classes; name one as {module_part}:Class")
+        raise ValidationFailed(f"{module_part} defines {len(own)} Environment classes; name one as {module_part}:Class")
     return own[0]
 
 
 def _checked(obj, spec: str) -> type[Environment]:
     if not (inspect.isclass(obj) and issubclass(obj, Environment)):
-        raise ValueError(f"{spec} is {obj!r}, not a k2rl.env.Environment subclass")
+        raise ValidationFailed(f"{spec} is {obj!r}, not a k2rl.env.Environment subclass")
     return obj

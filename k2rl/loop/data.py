@@ -10,6 +10,7 @@ import torch
 from k2rl.engines.types import TokenBatch, add_routing
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rollout.trajectory import Trajectory
+from k2rl.validation import ValidationFailed
 
 
 def trajectory_batch(trajectories: list[Trajectory], advantages: list[float] | None = None) -> TokenBatch:
@@ -40,17 +41,19 @@ def encode_sft_example(example: dict, chat: ChatTokenizer) -> tuple[list[int], l
     return ids, mask
 
 
-def load_sft_file(path: str | Path, chat: ChatTokenizer) -> list[tuple[list[int], list[bool]]]:
+def load_sft_file(path: str | Path, chat: ChatTokenizer, field: str = "SFT dataset") -> list[tuple[list[int], list[bool]]]:
+    """Every example of a JSONL file, tokenized; a missing file or a bad line is named, with `field`
+    (the config key that gave the path)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"SFT dataset {path} not found")
+        raise ValidationFailed(f"{field} {path}: file not found")
     examples = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if line.strip():
             try:
                 examples.append(encode_sft_example(json.loads(line), chat))
             except (KeyError, json.JSONDecodeError) as err:
-                raise ValueError(f"{path}:{n}: not an SFT example ({err}); expected {{\"messages\": [...]}} "
+                raise ValidationFailed(f"{field} {path}:{n}: not an SFT example ({err}); expected {{\"messages\": [...]}} "
                                  f"or {{\"token_ids\": [...], \"loss_mask\": [...]}}") from None
     return examples
 

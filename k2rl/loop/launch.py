@@ -48,12 +48,14 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
     if resume_dir is not None:
         restored = restore(run_dir)
         if restored is None:
-            raise FileNotFoundError(f"--resume {resume_dir}: no complete checkpoint under {run_dir.checkpoints}")
+            raise ValidationFailed(f"--resume {resume_dir}: no complete checkpoint under {run_dir.checkpoints}; "
+                                   "start the run afresh without --resume")
         state, ckpt = restored
         model_dir = ckpt / "model"
     else:
         run_dir.create(config)
         model_dir = initial_model(config, run_dir)
+    trainer = Trainer(config, model_dir, run_dir, state)  # every input read and checked before a worker starts
     if not ray.is_initialized():
         if config.workers.ray_address:
             ray.init(address=config.workers.ray_address)
@@ -68,6 +70,6 @@ def train(config: JobConfig, resume_dir: Path | None = None) -> Path | None:
         if ckpt is not None:  # weights came with model_dir; the optimizer state comes from here
             group.to_train()  # vLLM gets the weights when the run next rolls out
             group.load_checkpoint(str(ckpt / "model"))
-        return Trainer(config, group, model_dir, run_dir, state).run()
+        return trainer.run(group)
     finally:
         group.shutdown()

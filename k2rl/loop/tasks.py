@@ -18,6 +18,7 @@ from k2rl.env.factory import EnvFactory
 from k2rl.env.kinds import task_type
 from k2rl.env.task import Task
 from k2rl.loop.priority import TypePriority
+from k2rl.validation import ValidationFailed
 
 CHUNK = 1024
 
@@ -25,32 +26,39 @@ CHUNK = 1024
 class TaskStream:
     def __init__(self, factory: EnvFactory, seed: int, cursor: int = 0, pool: int | None = None):
         self.factory, self.seed, self.cursor, self.pool = factory, seed, cursor, pool
-        self._chunk_index, self._chunk, self._pool_tasks = -1, [], None
+        self._chunk_index, self._chunk = -1, []
+        self._pool_tasks = self._load_pool() if pool is not None else None
+        self._chunk_containing(cursor)  # the task source read now: a bad one fails before any worker starts
+
+    def _load_pool(self) -> list[Task]:
+        tasks = self.factory.tasks(self.pool, seed=self.seed)
+        if len(tasks) < self.pool:
+            raise ValidationFailed(f"env.train_tasks is {self.pool}, but the environment's task source holds "
+                                   f"{len(tasks)} tasks: set env.train_tasks to at most that, or unset it")
+        return tasks
 
     def _chunk_at(self, index: int) -> list[Task]:
         if self.pool is None:
             return self.factory.tasks(CHUNK, seed=self.seed + index * CHUNK)
-        if self._pool_tasks is None:
-            self._pool_tasks = self.factory.tasks(self.pool, seed=self.seed)
-            if len(self._pool_tasks) < self.pool:
-                raise ValueError(f"env.train_tasks is {self.pool}, but the environment's task source holds "
-                                 f"{len(self._pool_tasks)} tasks: set env.train_tasks to at most that, or unset it")
         epoch = list(self._pool_tasks)
         random.Random(f"{self.seed}:epoch {index}").shuffle(epoch)
         return epoch
+
+    def _chunk_containing(self, cursor: int) -> list[Task]:
+        index = cursor // (self.pool or CHUNK)
+        if index != self._chunk_index:
+            self._chunk, self._chunk_index = self._chunk_at(index), index
+            if not self._chunk:
+                raise ValidationFailed(f"environment {self.factory.env_cls.name!r} produced no tasks")
+        return self._chunk
 
     def next(self, count: int, priority: TypePriority | None = None) -> list[Task]:
         """The next `count` tasks; with `priority`, each task in turn is kept with its type's weight
         (the draw seeded by seed and cursor, so a resumed run keeps the same ones) and the rest skipped."""
         out = []
         while len(out) < count:
-            index, offset = divmod(self.cursor, self.pool or CHUNK)
-            if index != self._chunk_index:
-                self._chunk = self._chunk_at(index)
-                self._chunk_index = index
-                if not self._chunk:
-                    raise ValueError(f"environment {self.factory.env_cls.name!r} produced no tasks")
-            task = self._chunk[offset % len(self._chunk)]
+            chunk = self._chunk_containing(self.cursor)
+            task = chunk[self.cursor % (self.pool or CHUNK) % len(chunk)]
             if priority is None or priority.accept(task.tags, random.Random(f"{self.seed}:{self.cursor}")):
                 out.append(task)
             self.cursor += 1
@@ -67,5 +75,5 @@ def check_task_types(factory: EnvFactory, seed: int, types: list[str], field: st
     seen = {task_type(task.tags) for task in factory.tasks(CHUNK, seed=seed)}
     unknown = sorted(set(types) - seen)
     if unknown:
-        raise ValueError(f"{field} names task types {unknown} that environment {factory.env_cls.name!r} does not "
-                         f"have (a type is a task's first tag); its training tasks' types: {sorted(seen)}")
+        raise ValidationFailed(f"{field} names task types {unknown} that environment {factory.env_cls.name!r} does not "
+                               f"have (a type is a task's first tag); its training tasks' types: {sorted(seen)}")

@@ -27,7 +27,7 @@ from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
 from k2rl.loop.scoring import advantages, informative_groups, score
 from k2rl.loop.tasks import TaskStream, check_task_types, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
-from k2rl.rewards.judge import make_judge
+from k2rl.rewards.judge import make_judge, rubric_for
 from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize, teacher_declines
 from k2rl.rollout.baselines import baselines_for
 from k2rl.validation import ValidationFailed
@@ -35,9 +35,12 @@ from k2rl.algo import temperature_at
 
 
 class Trainer:
-    def __init__(self, config: JobConfig, group, model_dir: str | Path, run_dir: RunDir, state: dict | None = None):
-        """`state`: a checkpoint's trainer state when resuming (step, task cursor, success per task type)."""
-        self.config, self.group, self.run_dir = config, group, run_dir
+    def __init__(self, config: JobConfig, model_dir: str | Path, run_dir: RunDir, state: dict | None = None):
+        """Reads and checks every input the run names (environment, tasks, task types, rubric, PTX data)
+        before any worker starts, so bad input fails in seconds, not after the workers' start-up;
+        `run(group)` then trains on the workers. `state`: a checkpoint's trainer state when resuming
+        (step, task cursor, success per task type)."""
+        self.config, self.run_dir = config, run_dir
         state = state or {}
         self.model_dir = Path(model_dir)
         self.chat = ChatTokenizer(model_dir)
@@ -52,13 +55,13 @@ class Trainer:
         self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
         self.objective = Objective(config.algorithm)
         self.limits = Limits.from_config(config.env, config.algorithm.max_new_tokens, config.rollout.max_model_len)
-        self.judge = make_judge(config.rewards.judge, engine=self.group, model_dir=self.model_dir)  # None when off
+        self.rubric = rubric_for(config.rewards.judge)  # None when the judge is off
         algo = config.algorithm
-        self.ptx = load_sft_file(algo.ptx_dataset, self.chat) if algo.ptx_coef > 0 and algo.ptx_dataset != "oracle" else []
-        self.metrics = MetricsLog(run_dir.path, config.logging.tensorboard, config.logging.plots,
-                                  resume_step=self.step or None)
+        self.ptx = (load_sft_file(algo.ptx_dataset, self.chat, "algorithm.ptx_dataset")
+                    if algo.ptx_coef > 0 and algo.ptx_dataset != "oracle" else [])
         self.stop_requested = False
-        self.sft_data = Ahead(lambda: self.oracle_examples(algo.tasks_per_step), lambda: self.tasks.cursor)
+        # bound by run(group): the workers, the judge (the policy itself may be it) and the run's logs
+        self.group = self.judge = self.metrics = self.sft_data = None
 
     # ---- one step ----------------------------------------------------------------------------------
     def rollout(self, tasks, samples: int, temperature: float):
@@ -234,8 +237,14 @@ class Trainer:
         self.stop_requested = True
         print(f"\nk2rl: got {signal.Signals(signum).name}; checkpointing after this step", flush=True)
 
-    def run(self) -> Path | None:
-        cfg = self.config.schedule
+    def run(self, group) -> Path | None:
+        """Train on `group` (a WorkerGroup) to schedule.steps; the last checkpoint written, if any."""
+        cfg, config = self.config.schedule, self.config
+        self.group = group
+        self.judge = make_judge(config.rewards.judge, self.rubric, engine=group, model_dir=self.model_dir)
+        self.metrics = MetricsLog(self.run_dir.path, config.logging.tensorboard, config.logging.plots,
+                                  resume_step=self.step or None)
+        self.sft_data = Ahead(lambda: self.oracle_examples(config.algorithm.tasks_per_step), lambda: self.tasks.cursor)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         last = None
         try:
