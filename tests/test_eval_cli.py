@@ -61,7 +61,20 @@ def test_eval_oracle_by_file_path(tiny_model_dir, tmp_path, capsys):
 
 def test_eval_reports_bad_env_name(capsys):
     assert main(["eval", "--env", "nope", "--oracle", "--tokenizer", "x"]) == 2
-    assert "unknown environment 'nope'" in capsys.readouterr().err
+    assert "error: env.name: unknown environment 'nope'" in capsys.readouterr().err
+
+
+def test_eval_names_a_server_that_does_not_answer(tiny_model_dir, capsys):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    assert main(["eval", "--model", url, "--env", "shop", "--tasks", "1", "--tokenizer", str(tiny_model_dir),
+                 "--quiet"]) == 2
+    assert "no OpenAI-compatible server answers there" in capsys.readouterr().err
+
+
+def test_judge_names_a_missing_input(tmp_path, capsys):
+    missing = tmp_path / "episodes.jsonl"
+    assert main(["judge", "--input", str(missing), "--rubric", "tool_use", "--endpoint", "http://127.0.0.1:9/v1"]) == 2
+    assert f"error: --input {missing}: file not found" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -88,6 +88,8 @@ def test_short_run_writes_the_whole_run_directory(tiny_model_dir, tmp_path):
      "error: rewards.judge.rubric: .*nope.yaml: file not found"),
     (["algorithm.ptx_coef=0.5", "algorithm.ptx_dataset=/nonexistent/sft.jsonl"],
      "error: algorithm.ptx_dataset /nonexistent/sft.jsonl: file not found"),
+    (["rollout.max_model_len=64"], "error: rollout.max_model_len is 64, but task shop-0's opening prompt .* is "
+                                   r"\d+ tokens, .* raise rollout.max_model_len to at least \d+"),
     (["algorithm.samples_per_task=1"], "error: .*algorithm.samples_per_task is 1: k2's advantage .* set it to 2 or more"),
 ])
 def test_bad_input_fails_before_any_worker_starts(tiny_model_dir, tmp_path, capsys, sets, message):

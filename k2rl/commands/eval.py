@@ -45,7 +45,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from k2rl.config import load_config
     from k2rl.env import EnvFactory
-    from k2rl.validation import ValidationFailed
 
     config = load_config(args.config, [*_flag_overrides(args), *args.overrides])
     weights = config.rewards.weights
@@ -54,10 +53,7 @@ def run(args) -> int:
         _report(trajectories[0].env, {Path(args.episodes).stem: trajectories}, weights, args.summary)
         return 0
     env_cfg = config.env
-    try:
-        factory = EnvFactory(env_cfg)
-    except ValueError as err:
-        raise ValidationFailed(f"--env: {err}") from None
+    factory = EnvFactory(env_cfg)  # a bad --env (env.name) is named there
     tasks = factory.tasks(args.tasks if args.tasks is not None else env_cfg.eval_tasks,
                           args.seed if args.seed is not None else env_cfg.eval_seed)
     out = Path(args.out or Path(config.run.output_dir) / "eval" /
@@ -147,9 +143,9 @@ def _policy(args, config):
     if args.model.startswith(("http://", "https://")):
         import openai
 
-        from k2rl.rollout import EndpointPolicy
+        from k2rl.rollout.policy import EndpointPolicy, served_model
 
-        model = openai.OpenAI(base_url=args.model, api_key="EMPTY").models.list().data[0].id
+        model = served_model(openai.OpenAI(base_url=args.model, api_key="EMPTY"))
         tokenizer = args.tokenizer or model
         if not Path(tokenizer, "tokenizer_config.json").exists():
             raise SystemExit(f"--tokenizer: the endpoint serves {model!r}, not a local directory; "

@@ -36,6 +36,8 @@ def _read_episodes(path: Path):
     from k2rl.rewards import Episode
     from k2rl.validation import ValidationFailed, describe_errors
 
+    if not path.exists():
+        raise ValidationFailed(f"--input {path}: file not found")
     episodes, groups = [], []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

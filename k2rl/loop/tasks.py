@@ -18,6 +18,8 @@ from k2rl.env.factory import EnvFactory
 from k2rl.env.kinds import task_type
 from k2rl.env.task import Task
 from k2rl.loop.priority import TypePriority
+from k2rl.model.chat import ChatTokenizer
+from k2rl.rollout.episode import Episode, Limits
 from k2rl.validation import ValidationFailed
 
 CHUNK = 1024
@@ -67,6 +69,21 @@ class TaskStream:
 
 def held_out_tasks(factory: EnvFactory, count: int, seed: int) -> list[Task]:
     return factory.tasks(count, seed=seed) if count else []
+
+
+def check_first_turn_fits(factory: EnvFactory, seed: int, chat: ChatTokenizer, max_new_tokens: int,
+                          max_model_len: int) -> None:
+    """The first training task's opening prompt (tool declarations, system prompt, the user's first
+    message) and one full reply must fit the context: otherwise every episode ends before it starts."""
+    task = factory.tasks(1, seed=seed)[0]
+    episode = Episode(factory(), task, chat, Limits())
+    episode.start()
+    if episode.prompt_len + max_new_tokens > max_model_len:
+        raise ValidationFailed(
+            f"rollout.max_model_len is {max_model_len}, but task {task.id}'s opening prompt (tool declarations, "
+            f"system prompt, the user's first message) is {episode.prompt_len} tokens, which leaves no room for a "
+            f"reply of algorithm.max_new_tokens ({max_new_tokens}): raise rollout.max_model_len to at least "
+            f"{episode.prompt_len + max_new_tokens}")
 
 
 def check_task_types(factory: EnvFactory, seed: int, types: list[str], field: str) -> None:

@@ -25,7 +25,7 @@ from k2rl.loop.priority import TypePriority
 from k2rl.loop.progress import RunProgress
 from k2rl.loop.run_dir import RunDir, load_rng_state, save_rng_state
 from k2rl.loop.scoring import advantages, informative_groups, score
-from k2rl.loop.tasks import TaskStream, check_task_types, held_out_tasks
+from k2rl.loop.tasks import TaskStream, check_first_turn_fits, check_task_types, held_out_tasks
 from k2rl.model.chat import ChatTokenizer
 from k2rl.rewards.judge import make_judge, rubric_for
 from k2rl.rollout import Limits, kind_metrics, oracle_trajectory, run_baseline, run_episodes, summarize, teacher_declines
@@ -53,6 +53,8 @@ class Trainer:
         self.priority = (TypePriority(config.algorithm.samples_per_task, state.get("type_success"))
                          if config.algorithm.task_sampling == "prioritized" else None)
         self.eval_tasks = held_out_tasks(self.make_env, config.env.eval_tasks, config.env.eval_seed)
+        check_first_turn_fits(self.make_env, config.env.train_seed, self.chat, config.algorithm.max_new_tokens,
+                              config.rollout.max_model_len)
         self.objective = Objective(config.algorithm)
         self.limits = Limits.from_config(config.env, config.algorithm.max_new_tokens, config.rollout.max_model_len)
         self.rubric = rubric_for(config.rewards.judge)  # None when the judge is off

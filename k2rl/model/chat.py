@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from k2rl.model import template
 from k2rl.model.tokenizer import BOS, EOS, IM_END, PAD, UNK
+from k2rl.validation import ValidationFailed
 
 
 class ChatTokenizer:
@@ -23,8 +24,8 @@ class ChatTokenizer:
 
     def __init__(self, model_dir: str | Path):
         if not (Path(model_dir) / "tokenizer_config.json").exists():
-            raise FileNotFoundError(f"{model_dir}: no tokenizer_config.json; point at a model directory "
-                                    f"(build one with `k2rl make-model`)")
+            raise ValidationFailed(f"{model_dir}: no tokenizer_config.json; point at a model directory "
+                                   f"(build one with `k2rl make-model`)")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
         self.im_end_id = self._required_id(IM_END)
         self.eos_id = self._token_id(EOS)

@@ -13,11 +13,21 @@ import openai
 
 from k2rl.engines.types import Generation, SamplingConfig
 from k2rl.model.chat import ChatTokenizer
+from k2rl.validation import ValidationFailed
 
 
 class Policy(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
         """Per prompt (in order), `sampling.n` generations."""
+
+
+def served_model(client: openai.OpenAI) -> str:
+    """The first model an OpenAI-compatible server lists; a server that does not answer is named."""
+    try:
+        return client.models.list().data[0].id
+    except openai.APIConnectionError as err:
+        raise ValidationFailed(f"{client.base_url}: no OpenAI-compatible server answers there ({err}); start one "
+                               "(e.g. `vllm serve MODEL_DIR`) or fix the URL") from None
 
 
 class EndpointPolicy:
@@ -31,7 +41,7 @@ class EndpointPolicy:
     def __init__(self, base_url: str, chat: ChatTokenizer, model: str | None = None, api_key: str = "EMPTY",
                  concurrency: int = 8, timeout_s: float = 120.0):
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=2)
-        self.model = model or self.client.models.list().data[0].id
+        self.model = model or served_model(self.client)
         self.chat, self.concurrency = chat, concurrency
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Generation]]:
