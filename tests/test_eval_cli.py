@@ -71,6 +71,11 @@ def test_eval_names_a_server_that_does_not_answer(tiny_model_dir, capsys):
     assert "no OpenAI-compatible server answers there" in capsys.readouterr().err
 
 
+def test_eval_baseline_needs_a_tokenizer(capsys):
+    assert main(["eval", "--env", "shop", "--baseline", "refuse", "--tasks", "1"]) == 2
+    assert "error: --baseline/--oracle needs --tokenizer DIR" in capsys.readouterr().err
+
+
 def test_judge_names_a_missing_input(tmp_path, capsys):
     missing = tmp_path / "episodes.jsonl"
     assert main(["judge", "--input", str(missing), "--rubric", "tool_use", "--endpoint", "http://127.0.0.1:9/v1"]) == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from k2rl.commands import add_set_argument
 from k2rl.rollout.baselines import BASELINES
+from k2rl.validation import ValidationFailed
 
 NAME = "eval"
 HELP = ("run an environment's tasks with a model (local dir or OpenAI-compatible URL) and report success per task "
@@ -73,7 +74,6 @@ def run(args) -> int:
 
 def _read_episodes(path: str):
     from k2rl.rollout import Trajectory
-    from k2rl.validation import ValidationFailed
 
     if not Path(path).exists():
         raise ValidationFailed(f"--episodes {path}: file not found")
@@ -148,8 +148,8 @@ def _policy(args, config):
         model = served_model(openai.OpenAI(base_url=args.model, api_key="EMPTY"))
         tokenizer = args.tokenizer or model
         if not Path(tokenizer, "tokenizer_config.json").exists():
-            raise SystemExit(f"--tokenizer: the endpoint serves {model!r}, not a local directory; "
-                             f"pass --tokenizer DIR with the model's tokenizer files")
+            raise ValidationFailed(f"--tokenizer: the endpoint serves {model!r}, not a local directory; "
+                                   f"pass --tokenizer DIR with the model's tokenizer files")
         chat = ChatTokenizer(tokenizer)
         return EndpointPolicy(args.model, chat, model=model), chat
     from k2rl.engines.rollout import RolloutEngine
@@ -162,7 +162,7 @@ def _policy(args, config):
 def _default_tokenizer_dir(config) -> str:
     if config.model.path:
         return config.model.path
-    raise SystemExit("--baseline/--oracle needs --tokenizer DIR (a model directory) or model.path in --config")
+    raise ValidationFailed("--baseline/--oracle needs --tokenizer DIR (a model directory) or model.path in --config")
 
 
 # (label, summary key, format): the per-kind figures first, then the rest
