@@ -5,7 +5,7 @@
 # dialogs and logs packed in LOG_DIR/demo-files.tar.gz (the device returns at most 8 files a call).
 #   bash scripts/gpu_check.sh [tests|engine-tests|routing-tests|bench|gap|all|rollout|settings|demo] [LOG_DIR] [bench_gpu_step.py, bench_rollout_settings.py or demo.py options]
 #   (demo: DEMO_LIMIT=SECONDS stops it in time, COLD=1 compiles into fresh caches, kept for --resume; below)
-#   (SAVE_CACHE=1: the compile caches packed into LOG_DIR; below)
+#   (SAVE_CACHE=1: the compile caches packed into LOG_DIR, for .gpu/ of a later call; below)
 # (default: all, logs in $OUT or ./gpu-logs). Each part fits one 10-minute device call, but for "tests"
 # on a fresh machine (2026-12-07: over 9.5 min with the unpack, Triton compiling in each first vLLM
 # start): there, "engine-tests" then "routing-tests" are its two halves. The k2-mini model is built
@@ -23,14 +23,16 @@ mkdir -p "$LOGS"
 export VLLM_ENABLE_V1_MULTIPROCESSING=0 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 MODEL=/tmp/k2-mini
 # Every part compiles into one set of caches (vLLM's, Inductor's, Triton's, ...; bench_vllm_start.py's
-# list), seeded from .gpu/compile-cache.tar.gz where a checkout carries one: a fresh machine's first
-# vLLM start of each engine configuration then loads its kernels instead of compiling them (110 s
-# cold, 52 s warm on an H100, 2026-12-06). SAVE_CACHE=1 packs the caches into LOG_DIR at the end,
-# for the next call or session to carry (the device returns files of at most 16 MiB).
+# list), seeded from .gpu/compile-cache.tar.gz.part* where a checkout carries them: a fresh machine's
+# first vLLM start of each engine configuration then loads its kernels instead of compiling them (110 s
+# cold, 52 s warm on an H100, 2026-12-06). SAVE_CACHE=1 packs the caches into LOG_DIR at the end, in
+# parts of 15 MiB (the device returns files of at most 16 MiB; k2-mini's were 17 MiB, 2026-12-07).
 CACHES=/tmp/k2rl-compile-caches
 if [[ ! -d $CACHES ]]; then
   mkdir -p $CACHES
-  [[ -f .gpu/compile-cache.tar.gz ]] && tar -C $CACHES -xzf .gpu/compile-cache.tar.gz
+  if compgen -G ".gpu/compile-cache.tar.gz.part*" > /dev/null; then
+    cat .gpu/compile-cache.tar.gz.part* | tar -C $CACHES -xzf -
+  fi
 fi
 eval "$(python3 scripts/bench_vllm_start.py --cache-env $CACHES)"
 build_model() {
@@ -136,11 +138,9 @@ if [[ $PART == demo ]]; then
   grep -v "WARNING\|INFO\|Warning\|warn" "$LOGS/demo.log" | tail -40
 fi
 if [[ ${SAVE_CACHE:-0} == 1 ]]; then
-  tar -C $CACHES -czf "$LOGS/compile-cache.tar.gz" .
-  size=$(stat -c %s "$LOGS/compile-cache.tar.gz")
-  echo "compile caches: $((size / 1048576)) MiB packed in $LOGS/compile-cache.tar.gz"
-  if (( size > 16 * 1048576 )); then
-    echo "(over the 16 MiB a device call returns; left out)"; rm "$LOGS/compile-cache.tar.gz"
-  fi
+  rm -f "$LOGS"/compile-cache.tar.gz.part*
+  tar -C $CACHES -czf - . | split -b 15m - "$LOGS/compile-cache.tar.gz.part"
+  echo "compile caches: $(cat "$LOGS"/compile-cache.tar.gz.part* | wc -c | awk '{printf "%.1f", $1 / 1048576}') MiB" \
+       "packed in $(ls "$LOGS"/compile-cache.tar.gz.part* | wc -l) part(s), $LOGS/compile-cache.tar.gz.part*"
 fi
 exit $status
