@@ -49,8 +49,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as model_dir:
         from transformers import DeepseekV3Config
 
-        DeepseekV3Config(**preset_config(args.preset)).save_pretrained(model_dir)  # the config alone
-        config = DeepseekV3Config.from_pretrained(model_dir)
+        config = DeepseekV3Config(**preset_config(args.preset))
+        config.save_pretrained(model_dir)  # the config alone: what the scheduler's ModelConfig reads
         rng = np.random.default_rng(0)
         tokens = args.requests * (args.prompt_len + args.new_tokens)
         pool = rng.integers(config.n_routed_experts, size=(min(tokens, 8192), config.num_hidden_layers,

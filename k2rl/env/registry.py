@@ -39,7 +39,7 @@ def load_env(spec: str) -> type[Environment]:
     if ":" in spec or "." in spec or spec.endswith(".py"):
         return _from_path(spec)
     raise ValidationFailed(f"unknown environment {spec!r}; known: {', '.join(sorted(available()))}; "
-                     f"or give a path like my_pkg.my_env:MyEnv or ./my_env.py:MyEnv")
+                           f"or give a path like my_pkg.my_env:MyEnv or ./my_env.py:MyEnv")
 
 
 def _from_path(spec: str) -> type[Environment]:

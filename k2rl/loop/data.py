@@ -53,8 +53,8 @@ def load_sft_file(path: str | Path, chat: ChatTokenizer, field: str = "SFT datas
             try:
                 examples.append(encode_sft_example(json.loads(line), chat))
             except (KeyError, json.JSONDecodeError) as err:
-                raise ValidationFailed(f"{field} {path}:{n}: not an SFT example ({err}); expected {{\"messages\": [...]}} "
-                                 f"or {{\"token_ids\": [...], \"loss_mask\": [...]}}") from None
+                raise ValidationFailed(f"{field} {path}:{n}: not an SFT example ({err}); expected "
+                                       f"{{\"messages\": [...]}} or {{\"token_ids\": [...], \"loss_mask\": [...]}}") from None
     return examples
 
 
